@@ -1,0 +1,287 @@
+"""Settings: one dataclass per concern, named presets, YAML/JSON round trips.
+
+Every run records the :class:`Settings` it used (``save_settings``), so a result can always be traced to
+the numbers that produced it. Nothing in the library reads global state: functions take the part of the
+settings they need.
+
+Presets
+-------
+``tiny``        CPU, minutes: small patch and widths, the built-in synthetic data.
+``colab``       one GPU, about an hour: ACDC-like resolution, moderate widths.
+``paper_acdc``  the paper's ACDC settings (SPEC sections 2-6): f = 48, 352 x 352, T = 16, d = 256.
+``paper_chd``   the paper's CHD settings: f = 32, 512 x 512, 8 classes, 1-99 percentile clipping.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "DataSettings",
+    "KeypointSettings",
+    "AugmentSettings",
+    "ModelSettings",
+    "PretrainSettings",
+    "FinetuneSettings",
+    "SplitSettings",
+    "Settings",
+    "PRESETS",
+    "preset",
+    "save_settings",
+    "load_settings",
+]
+
+
+@dataclass
+class DataSettings:
+    """How volumes become network inputs (SPEC section 6)."""
+
+    layout: str = "acdc"  # "acdc" or "decathlon"
+    spacing_mm: tuple[float, float] | None = (1.25, 1.25)  # in-plane target; None keeps the native grid
+    clip_percentiles: tuple[float, float] | None = None  # e.g. (1, 99) for CT
+    patch: int = 352  # square patch side in pixels after resampling
+    classes: int = 4  # including background
+    neighbour_rule: str = "adjacent"  # "adjacent" (+-1 slice, ACDC) or "fraction" (CHD)
+    neighbour_fraction: float = 0.05  # CHD: offset int(fraction * U(-1, 1) * slices), redrawn if 0
+    partitions: int = 4  # GCL partitions per volume
+
+
+@dataclass
+class KeypointSettings:
+    """SIFT detection and the correspondence criterion (SPEC section 4)."""
+
+    max_keypoints: int = 200  # K strongest by SIFT response; fewer are padded and masked
+    radius_forward: float = 20.0  # Manhattan pixels, forward nearest-neighbour check
+    radius_reverse: float = 30.0  # Manhattan pixels, weighting and reverse check
+
+
+@dataclass
+class AugmentSettings:
+    """Joint geometric augmentation of image, mask and keypoints (SPEC section 6)."""
+
+    flip: bool = True  # mirror on both axes, each with p = 0.5
+    p_deform: float = 0.67  # probability of elastic + rotation + scale
+    elastic_alpha: tuple[float, float] = (100.0, 350.0)
+    elastic_sigma: tuple[float, float] = (14.0, 17.0)
+    rotation: tuple[float, float] = (0.0, 6.283185307179586)  # radians
+    scale: tuple[float, float] = (0.7, 1.3)
+
+
+@dataclass
+class ModelSettings:
+    """UNet and KAF layer sizes (SPEC sections 2, 3, 5)."""
+
+    in_channels: int = 1
+    classes: int = 4
+    width: int = 48  # f: encoder widths f, 2f, 4f, 8f; bottleneck 16f
+    kaf_levels: tuple[bool, bool, bool, bool] = (True, True, True, True)
+    attention_blocks: int = 16  # T self-attention blocks per KAF layer
+    descriptor_dim: int = 256  # d
+    heads: int = 4
+    fusion_hidden: int = 64  # hidden width of the D_l fusion convolutions
+    sampling: str = "nearest"  # "nearest" (paper) or "bilinear"
+    matching_blocks: int = 4  # alternating self/cross blocks of the matching head
+    projection_dim: int = 512  # output of the global projection heads
+
+
+@dataclass
+class PretrainSettings:
+    """Self-supervised pretraining (SPEC sections 5, 6)."""
+
+    epochs: int = 51
+    batch_size: int = 32
+    lr: float = 0.002
+    momentum: float = 0.9
+    weight_decay: float = 1e-5
+    temperature: float = 0.1
+    pcl_threshold: float = 0.35  # ACDC 0.35, CHD 0.1
+    loss_weights: tuple[float, float, float] = (1.0, 1.0, 0.01)  # (w1 L_PCL, w2 L_global, w3 L_local)
+    sinkhorn_iterations: int = 100
+    dustbin_init: float = 1.0
+    matched_weight: float = 0.45
+    unmatched_weight: float = 1.0
+    log_clamp: float = -100.0
+    local_contrastive_weight: float = 0.0  # the authors' optional fourth term; off by default
+    workers: int = 2
+    mixed_precision: bool = True  # used only on CUDA
+    checkpoint_every: int = 1  # epochs
+
+
+@dataclass
+class FinetuneSettings:
+    """Fine-tuning on M labelled patients (SPEC section 6)."""
+
+    epochs: int = 201
+    batch_size: int = 10
+    lr: float = 5e-4
+    lr_min: float = 5e-5
+    weight_decay: float = 1e-5
+    loss: str = "ce"  # "ce" (paper) or "dice_ce"
+    selection: str = "validation"  # "validation" (this project) or "test_fold" (the authors', a leak)
+    workers: int = 2
+    mixed_precision: bool = True
+
+
+@dataclass
+class SplitSettings:
+    """Patient-level folds and label budgets (SPEC section 6)."""
+
+    folds: int = 5
+    fold_seed: int = 12345
+    subset_seed: int = 1234
+    validation_fraction: float = 0.2  # of the training patients, carved out for model selection
+    labeled: tuple[int, ...] = (2, 6, 10, 15, 20, 30, 80)
+
+
+@dataclass
+class Settings:
+    """Everything a run needs, under one name."""
+
+    name: str = "paper_acdc"
+    seed: int = 0
+    data: DataSettings = field(default_factory=DataSettings)
+    keypoints: KeypointSettings = field(default_factory=KeypointSettings)
+    augment: AugmentSettings = field(default_factory=AugmentSettings)
+    model: ModelSettings = field(default_factory=ModelSettings)
+    pretrain: PretrainSettings = field(default_factory=PretrainSettings)
+    finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
+    splits: SplitSettings = field(default_factory=SplitSettings)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "Settings":
+        return _from_dict(cls, values, path="settings")
+
+    def replace(self, **changes: Any) -> "Settings":
+        """A copy with dotted fields changed, e.g. ``replace(**{"model.width": 16})``."""
+        values = self.to_dict()
+        for dotted, value in changes.items():
+            *parents, leaf = dotted.split(".")
+            node = values
+            for part in parents:
+                if part not in node or not isinstance(node[part], dict):
+                    raise KeyError(f"unknown settings group {part!r} in {dotted!r}")
+                node = node[part]
+            if leaf not in node:
+                raise KeyError(f"unknown setting {dotted!r}")
+            node[leaf] = value
+        return Settings.from_dict(values)
+
+
+def _to_plain(value: Any) -> Any:
+    """Tuples become lists so YAML and JSON write plain sequences."""
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+def _from_dict(cls: type, values: dict[str, Any], path: str) -> Any:
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping, got {type(values).__name__}")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"{path}: unknown setting(s) {', '.join(unknown)}")
+    defaults = cls()
+    kwargs = {}
+    for name, value in values.items():
+        default = getattr(defaults, name)
+        if dataclasses.is_dataclass(default):
+            kwargs[name] = _from_dict(type(default), value, f"{path}.{name}")
+        elif isinstance(default, tuple) or (default is None and isinstance(value, list)):
+            kwargs[name] = None if value is None else tuple(value)
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _tiny() -> Settings:
+    return Settings(
+        name="tiny",
+        data=DataSettings(spacing_mm=(2.5, 2.5), patch=96),
+        keypoints=KeypointSettings(max_keypoints=48, radius_forward=8.0, radius_reverse=12.0),
+        model=ModelSettings(width=8, attention_blocks=2, descriptor_dim=32, heads=4, fusion_hidden=16,
+                            matching_blocks=2, projection_dim=64),
+        pretrain=PretrainSettings(epochs=3, batch_size=16, lr=0.01, sinkhorn_iterations=20, workers=0),
+        finetune=FinetuneSettings(epochs=30, batch_size=10, lr=2e-3, lr_min=2e-4, workers=0),
+        splits=SplitSettings(labeled=(1, 2, 4)),
+    )
+
+
+def _colab() -> Settings:
+    return Settings(
+        name="colab",
+        data=DataSettings(spacing_mm=(1.5, 1.5), patch=192),
+        keypoints=KeypointSettings(max_keypoints=128, radius_forward=16.0, radius_reverse=24.0),
+        model=ModelSettings(width=24, attention_blocks=4, descriptor_dim=128, fusion_hidden=32,
+                            matching_blocks=4, projection_dim=256),
+        pretrain=PretrainSettings(epochs=20, batch_size=16, sinkhorn_iterations=50, workers=2),
+        finetune=FinetuneSettings(epochs=60, batch_size=10, workers=2),
+        splits=SplitSettings(labeled=(1, 2, 4, 8)),
+    )
+
+
+def _paper_acdc() -> Settings:
+    return Settings(name="paper_acdc")
+
+
+def _paper_chd() -> Settings:
+    return Settings(
+        name="paper_chd",
+        data=DataSettings(layout="decathlon", spacing_mm=None, clip_percentiles=(1.0, 99.0), patch=512,
+                          classes=8, neighbour_rule="fraction"),
+        keypoints=KeypointSettings(radius_forward=20.0, radius_reverse=20.0),
+        model=ModelSettings(classes=8, width=32),
+        pretrain=PretrainSettings(pcl_threshold=0.1),
+        finetune=FinetuneSettings(epochs=101, lr=5e-5, lr_min=5e-6),
+        splits=SplitSettings(labeled=(2, 6, 10, 15, 20, 30, 51)),
+    )
+
+
+PRESETS = {"tiny": _tiny, "colab": _colab, "paper_acdc": _paper_acdc, "paper_chd": _paper_chd}
+
+
+def preset(name: str) -> Settings:
+    """A fresh copy of the named preset."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; expected one of {', '.join(PRESETS)}")
+    return PRESETS[name]()
+
+
+def save_settings(settings: Settings, path: str | Path) -> Path:
+    """Write settings as YAML (``.yaml``/``.yml``) or JSON (anything else), atomically."""
+    path = Path(path)
+    data = settings.to_dict()
+    text = yaml.safe_dump(data, sort_keys=False) if path.suffix in {".yaml", ".yml"} else json.dumps(data, indent=2)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return path
+
+
+def load_settings(path: str | Path) -> Settings:
+    """Read settings written by :func:`save_settings` (YAML or JSON)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise ValueError(f"{path}: cannot read settings ({error.strerror})") from None
+    try:
+        data = yaml.safe_load(text)  # JSON is a subset of YAML
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path}: not valid YAML or JSON ({error})") from None
+    try:
+        return Settings.from_dict(data)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"{path}: {error}") from None
