@@ -200,6 +200,11 @@ def _from_dict(cls: type, values: dict[str, Any], path: str) -> Any:
             kwargs[name] = _from_dict(type(default), value, f"{path}.{name}")
         elif isinstance(default, tuple) or (default is None and isinstance(value, list)):
             kwargs[name] = None if value is None else tuple(value)
+        elif isinstance(default, float) and not isinstance(value, bool):
+            try:  # YAML 1.1 reads "1e-05" as a string
+                kwargs[name] = float(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"{path}.{name}: expected a number, got {value!r}") from None
         else:
             kwargs[name] = value
     return cls(**kwargs)
