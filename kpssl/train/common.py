@@ -1,0 +1,221 @@
+"""Machinery shared by pretraining and fine-tuning: devices, precision, distribution, checkpoints, logs.
+
+- ``Runtime``: device, precision (bf16 autocast where the GPU supports it, else fp16 with a gradient
+  scaler, none on the CPU), rank and world size from ``torchrun``'s environment.
+- Checkpoints are written to a temporary file and renamed, so a killed run never leaves a half-written
+  checkpoint; they are read with ``torch.load(weights_only=True)``.
+- ``EpochOrder``: the sample order of an epoch is a function of (seed, epoch) alone and is cut into
+  equal shares per rank, so a resumed or distributed run sees the same samples as an uninterrupted one.
+- ``StepLog``: one CSV row per optimisation step (loss terms, learning rate), appended and flushed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import math
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = [
+    "Runtime",
+    "runtime",
+    "seed_everything",
+    "rng_state",
+    "set_rng_state",
+    "save_checkpoint",
+    "load_checkpoint",
+    "EpochOrder",
+    "StepLog",
+    "cosine_lr",
+    "NonFiniteLossError",
+    "check_finite",
+    "reduce_mean",
+]
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    amp_dtype: torch.dtype | None  # None: full float32
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        """Active only for fp16 (bf16 and float32 need no loss scaling)."""
+        return torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+
+
+def runtime(mixed_precision: bool = True, device: str | None = None) -> Runtime:
+    """Device and precision for this process; joins the process group when started by ``torchrun``."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch_device = torch.device(device)
+    if torch_device.type == "cuda":
+        torch_device = torch.device("cuda", local_rank if world > 1 else (torch_device.index or 0))
+        torch.cuda.set_device(torch_device)
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch_device.type == "cuda" else "gloo")
+    amp_dtype = None
+    if mixed_precision and torch_device.type == "cuda":
+        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return Runtime(torch_device, amp_dtype, rank, world, local_rank)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
+    """Write ``state`` with ``torch.save`` to a temporary file in the same folder, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        torch.save(state, tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint safely (``weights_only=True``); errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # unpickling errors come in many types
+        raise ValueError(f"{path}: not a readable checkpoint ({type(error).__name__}: {error})") from None
+
+
+class EpochOrder:
+    """Sample order of each epoch: a permutation drawn from (seed, epoch), cut into per-rank shares.
+
+    Every rank gets ``samples_per_rank`` indices (the permutation is truncated to a multiple of the
+    global batch, so all ranks take the same number of equal steps; dropped samples change every epoch).
+    ``batches(epoch, start_step)`` skips the steps a resumed run has already done.
+    """
+
+    def __init__(self, samples: int, global_batch: int, seed: int, rank: int = 0, world: int = 1):
+        if global_batch % world:
+            raise ValueError(f"the global batch {global_batch} must be divisible by the number of processes {world}")
+        if samples < global_batch:
+            raise ValueError(f"{samples} samples are fewer than one batch of {global_batch}")
+        self.samples, self.global_batch, self.seed, self.rank, self.world = samples, global_batch, seed, rank, world
+        self.local_batch = global_batch // world
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.samples // self.global_batch
+
+    def batches(self, epoch: int, start_step: int = 0) -> Iterator[list[int]]:
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.samples)
+        for step in range(start_step, self.steps_per_epoch):
+            chunk = order[step * self.global_batch:(step + 1) * self.global_batch]
+            yield chunk[self.rank * self.local_batch:(self.rank + 1) * self.local_batch].tolist()
+
+
+class StepLog:
+    """Append one CSV row per step; the header is written when the file is new."""
+
+    def __init__(self, path: str | Path, columns: list[str]):
+        self.path = Path(path)
+        self.columns = columns
+
+    def truncate_after(self, step: int) -> None:
+        """Drop rows past ``step`` (a resumed run rewrites them)."""
+        if not self.path.is_file():
+            return
+        with self.path.open(newline="") as handle:
+            rows = [r for r in csv.DictReader(handle) if int(r["step"]) <= step]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with tmp.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, self.columns)
+            writer.writeheader()
+            writer.writerows(rows)
+        tmp.replace(self.path)
+
+    def write(self, row: dict[str, Any]) -> None:
+        new = not self.path.is_file()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", newline="") as handle:
+            writer = csv.DictWriter(handle, self.columns, extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+
+
+def cosine_lr(step: int, total: int, lr: float, lr_min: float = 0.0) -> float:
+    """Cosine decay from ``lr`` at step 0 to ``lr_min`` at step ``total``."""
+    progress = min(max(step / max(total, 1), 0.0), 1.0)
+    return lr_min + 0.5 * (lr - lr_min) * (1 + math.cos(math.pi * progress))
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term became NaN or infinite; the message names the step and the term."""
+
+
+def check_finite(terms: dict[str, torch.Tensor], step: int) -> None:
+    for name, value in terms.items():
+        if not torch.isfinite(value).all():
+            raise NonFiniteLossError(f"step {step}: loss term '{name}' is {value.item()}")
+
+
+def reduce_mean(value: torch.Tensor, runtime: Runtime) -> torch.Tensor:
+    """Mean of a scalar over all processes (for logging)."""
+    if not runtime.distributed:
+        return value
+    value = value.detach().clone()
+    dist.all_reduce(value)
+    return value / runtime.world
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
