@@ -18,9 +18,14 @@ The other view of the same sample is always a positive and a view is never its o
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from kpssl.settings import PretrainSettings
 
 __all__ = [
     "RULES",
@@ -119,7 +124,9 @@ def masked_supervised_contrastive(
         raise ValueError(f"z must have shape (B, V, D), got {tuple(z.shape)}")
     b, v, _ = z.shape
     if positives.shape != (b, v, v) or positives.dtype != torch.bool:
-        raise ValueError(f"positives must be bool (B, V, V) = {(b, v, v)}, got {positives.dtype} {tuple(positives.shape)}")
+        raise ValueError(
+            f"positives must be bool (B, V, V) = {(b, v, v)}, got {positives.dtype} {tuple(positives.shape)}"
+        )
     if members.shape != (b, v) or members.dtype != torch.bool:
         raise ValueError(f"members must be bool (B, V) = {(b, v)}, got {members.dtype} {tuple(members.shape)}")
     if not temperature > 0:
@@ -127,7 +134,10 @@ def masked_supervised_contrastive(
 
     dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
     with torch.autocast(device_type=z.device.type, enabled=False):
-        unit = F.normalize(z.to(dtype), dim=-1, eps=1e-8)  # (B, V, D)
+        # non-members are zeroed first, so that garbage there (even NaN) reaches neither the loss
+        # nor, through the similarity matmul's backward, the gradients of the members
+        z = z.to(dtype).masked_fill(~members[:, :, None], 0.0)
+        unit = F.normalize(z, dim=-1, eps=1e-8)  # (B, V, D)
         logits = unit @ unit.transpose(1, 2) / temperature  # (B, V, V) cosine / tau
 
         eye = torch.eye(v, dtype=torch.bool, device=z.device)
@@ -213,7 +223,7 @@ class ContrastiveLoss(nn.Module):
         self.threshold = float(threshold)
 
     @classmethod
-    def from_settings(cls, settings: "PretrainSettings", rule: str = "pcl") -> "ContrastiveLoss":  # noqa: F821
+    def from_settings(cls, settings: PretrainSettings, rule: str = "pcl") -> "ContrastiveLoss":
         """Build from :class:`kpssl.settings.PretrainSettings` (``temperature``, ``pcl_threshold``)."""
         return cls(rule=rule, temperature=settings.temperature, threshold=settings.pcl_threshold)
 
