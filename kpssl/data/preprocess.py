@@ -16,6 +16,7 @@ __all__ = [
     "resample_inplane",
     "clip_percentiles",
     "zscore",
+    "centre_offset",
     "center_pad_crop",
     "preprocess_volume",
 ]
@@ -51,6 +52,11 @@ def zscore(array: np.ndarray) -> np.ndarray:
     array = array.astype(np.float32)
     std = float(array.std())
     return (array - float(array.mean())) / (std if std > 0 else 1.0)
+
+
+def centre_offset(shape: tuple[int, int], size: int) -> tuple[int, int]:
+    """The ``(row, col)`` offset of :func:`center_pad_crop`: ``out[r + dr, c + dc] = in[r, c]``."""
+    return tuple((size - n) // 2 if n < size else -((n - size) // 2) for n in shape)  # type: ignore[return-value]
 
 
 def center_pad_crop(array: np.ndarray, size: int, *, fill: float = 0.0) -> tuple[np.ndarray, tuple[int, int]]:
