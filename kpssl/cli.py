@@ -48,6 +48,67 @@ def _summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def _settings(args: argparse.Namespace):
+    from .settings import load_settings, preset
+
+    return load_settings(args.settings) if getattr(args, "settings", None) else preset(args.preset)
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from .train.pretrain import pretrain
+
+    result = pretrain(_settings(args), Path(args.data), args.method, Path(args.out), resume=args.resume,
+                      max_steps=args.max_steps, progress=not args.quiet)
+    print(f"pretrained {args.method} for {result.steps} steps in {result.seconds:.1f} s: {result.out}/encoder.pt")
+    return 0
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from .train.finetune import finetune
+
+    result = finetune(_settings(args), Path(args.data), args.method, args.fold, args.labeled, Path(args.out),
+                      encoder=args.encoder, resume=args.resume, max_epochs=args.max_epochs, progress=not args.quiet)
+    print(f"{args.method} M={args.labeled} fold {args.fold}: best epoch {result.best_epoch}, test 3D Dice "
+          f"{result.test['dice_3d']:.4f}, pooled 2D Dice {result.test['dice_2d_pooled']:.4f}, "
+          f"HD95 {result.test['hd95_mm']:.2f} mm ({result.seconds:.1f} s)")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from .train.evaluate import evaluate_checkpoint
+
+    summary = evaluate_checkpoint(Path(args.checkpoint), Path(args.data), args.fold, split=args.split)
+    text = json.dumps({k: v for k, v in summary.items() if k != "per_volume"}, indent=2)
+    if args.out:
+        Path(args.out).write_text(json.dumps(summary, indent=2))
+    print(text)
+    return 0
+
+
+def _experiment(args: argparse.Namespace) -> int:
+    import shlex
+    import subprocess
+
+    from .train.experiment import run_experiment
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    settings = _settings(args)
+    meta = {"command": "kpssl " + " ".join(shlex.quote(a) for a in sys.argv[1:]), "preset": settings.name,
+            "commit": commit}
+    rows = run_experiment(settings, Path(args.data), args.methods, args.labeled, args.folds, Path(args.out),
+                          pretrain_scope=args.pretrain_scope, meta=meta, progress=not args.quiet)
+    for row in rows:
+        print(f"{row['method']:>12} M={row['M']:<3} 3D Dice {row['dice_3d_mean']:.3f} +- {row['dice_3d_std']:.3f}  "
+              f"2D Dice {row['dice_2d_mean']:.3f} +- {row['dice_2d_std']:.3f}  HD95 {row['hd95_mean']:.2f} mm  "
+              f"({row['folds']} folds)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .settings import PRESETS
 
@@ -72,6 +133,45 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("dir", help="data folder")
     sub.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     sub.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    def run_options(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--data", required=True, help="data folder (ACDC or Decathlon layout)")
+        sub.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+        sub.add_argument("--settings", help="a settings YAML/JSON file (overrides --preset)")
+        sub.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    sub = command("pretrain", _pretrain, "self-supervised pretraining of one method")
+    run_options(sub)
+    sub.add_argument("--method", required=True, choices=["kaf", "pcl", "gcl", "simclr"])
+    sub.add_argument("--out", required=True, help="run folder")
+    sub.add_argument("--resume", action="store_true", help="continue a stopped run from its checkpoint")
+    sub.add_argument("--max-steps", type=int, help="stop after this many steps")
+
+    sub = command("finetune", _finetune, "fine-tune on M labelled patients of a fold and evaluate on its test fold")
+    run_options(sub)
+    sub.add_argument("--method", required=True, choices=["unet_random", "kaf_random", "simclr", "gcl", "pcl", "kaf"])
+    sub.add_argument("--encoder", help="encoder.pt of a pretraining run (pretrained methods)")
+    sub.add_argument("--fold", type=int, default=0)
+    sub.add_argument("--labeled", type=int, required=True, help="M, the number of labelled patients")
+    sub.add_argument("--out", required=True, help="run folder")
+    sub.add_argument("--resume", action="store_true")
+    sub.add_argument("--max-epochs", type=int, help="stop after this many epochs")
+
+    sub = command("evaluate", _evaluate, "evaluate a fine-tuned checkpoint (best.pt) on a fold's patients")
+    sub.add_argument("--data", required=True)
+    sub.add_argument("--checkpoint", required=True)
+    sub.add_argument("--fold", type=int, default=0)
+    sub.add_argument("--split", default="test", choices=["test", "validation"])
+    sub.add_argument("--out", help="write the full JSON (per volume) here")
+
+    sub = command("experiment", _experiment, "the experiment table: methods x label budgets x folds, restartable")
+    run_options(sub)
+    sub.add_argument("--methods", nargs="+", default=["unet_random", "kaf_random", "simclr", "gcl", "pcl", "kaf"])
+    sub.add_argument("--labeled", nargs="+", type=int, default=[1, 2, 4])
+    sub.add_argument("--folds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    sub.add_argument("--pretrain-scope", default="all", choices=["all", "train"],
+                     help="pretrain on every patient without labels (all, the paper) or per fold without the test fold")
+    sub.add_argument("--out", required=True)
 
     sub = command("summary", _summary, "print the architecture's parameter counts per part")
     sub.add_argument("--preset", default="paper_acdc", choices=sorted(PRESETS))

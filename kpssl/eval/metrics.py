@@ -40,8 +40,10 @@ def _one_hot(label: np.ndarray, classes: int) -> torch.Tensor:
 
 
 def volume_scores(prediction: np.ndarray, reference: np.ndarray, classes: int,
-                  spacing: tuple[float, float, float], case_id: str = "") -> VolumeScores:
-    """3D Dice and HD95 (mm) per foreground class for one volume ``(Z, H, W)`` of class indices."""
+                  spacing: tuple[float, float, float], case_id: str = "", *, hd95: bool = True) -> VolumeScores:
+    """3D Dice and HD95 (mm) per foreground class for one volume ``(Z, H, W)`` of class indices.
+
+    ``hd95=False`` skips the surface distances (NaN), for quick model selection."""
     if prediction.shape != reference.shape:
         raise ValueError(f"{case_id}: prediction shape {prediction.shape} differs from reference {reference.shape}")
     dice = np.empty(classes - 1)
@@ -49,6 +51,8 @@ def volume_scores(prediction: np.ndarray, reference: np.ndarray, classes: int,
         a, b = prediction == c, reference == c
         total = a.sum() + b.sum()
         dice[c - 1] = 1.0 if total == 0 else 2.0 * np.logical_and(a, b).sum() / total
+    if not hd95:
+        return VolumeScores(case_id, dice, np.full(classes - 1, np.nan))
     pred, ref = _one_hot(prediction, classes), _one_hot(reference, classes)
     with warnings.catch_warnings():  # empty structures are handled below, not warned about
         warnings.simplefilter("ignore", UserWarning)

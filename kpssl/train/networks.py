@@ -1,0 +1,114 @@
+"""The networks each pretraining method trains, and the loss terms they produce (SPEC section 5).
+
+``kaf``     KAF-UNet encoder; L = w1 L_PCL (bottleneck) + w2 L_global (keypoints) + w3 L_local (Eq. 3).
+``pcl``     UNet encoder; Eq. 1 on the bottleneck vector with the PCL rule (Zeng et al., 2021).
+``gcl``     UNet encoder; Eq. 1 with the GCL rule (same partition; the global part of Chaitanya et al.).
+``simclr``  UNet encoder; Eq. 1 with the SimCLR rule (the other view only).
+
+The segmentation models fine-tuned later are ``UNet`` (random, simclr, gcl, pcl) and ``KAFUNet``
+(KAF random, kaf); pretraining trains their encoders, and fine-tuning loads those weights.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from ..losses.contrastive import contrastive_loss
+from ..losses.matching import MatchingLoss, local_contrastive_loss
+from ..losses.total import total_loss
+from ..models.heads import BottleneckProjection, KeypointGlobalHead, MatchingHead, matching_scores
+from ..models.kaf_unet import KAFUNet
+from ..models.unet import UNet
+from ..settings import ModelSettings, PretrainSettings
+
+__all__ = ["METHODS", "segmentation_model", "PretrainNetwork", "gather"]
+
+METHODS = ("kaf", "pcl", "gcl", "simclr")
+RULE = {"kaf": "pcl", "pcl": "pcl", "gcl": "gcl", "simclr": "simclr"}
+
+
+def segmentation_model(method: str, settings: ModelSettings) -> nn.Module:
+    """The segmentation network a method fine-tunes: KAF-UNet for ``kaf``/``kaf_random``, else UNet."""
+    if method in ("kaf", "kaf_random"):
+        return KAFUNet(settings)
+    if method in ("unet_random", "pcl", "gcl", "simclr"):
+        return UNet(settings.in_channels, settings.classes, settings.width)
+    raise ValueError(f"unknown method {method!r}; expected kaf, kaf_random, unet_random, pcl, gcl or simclr")
+
+
+def gather(x: Tensor) -> Tensor:
+    """Concatenate a tensor over all processes along dim 0, keeping gradients (identity when alone)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    import torch.distributed.nn.functional as dist_fn
+
+    return torch.cat(dist_fn.all_gather(x), dim=0)
+
+
+class PretrainNetwork(nn.Module):
+    """Backbone plus the heads and learnable loss parameters of one pretraining method.
+
+    ``forward(batch) -> (total loss, {term: detached value})`` on a pretraining batch (CONTRIBUTING.md).
+    Under ``torchrun`` the global embeddings are gathered from all processes, so Eq. 1 sees the global
+    batch exactly as a single process would.
+    """
+
+    def __init__(self, method: str, model: ModelSettings, pretrain: PretrainSettings):
+        super().__init__()
+        if method not in METHODS:
+            raise ValueError(f"unknown pretraining method {method!r}; expected one of {', '.join(METHODS)}")
+        self.method = method
+        self.settings = pretrain
+        self.backbone = segmentation_model(method, model)
+        self.backbone.decoder.requires_grad_(False)  # pretraining trains the encoder; fine-tuning the decoder
+        bottleneck_channels = getattr(self.backbone, "bottleneck_channels", 16 * model.width)
+        self.projection = BottleneckProjection.from_settings(model, bottleneck_channels)
+        if method == "kaf":
+            self.keypoint_head = KeypointGlobalHead.from_settings(model)
+            self.matching_head = MatchingHead.from_settings(model)
+            self.matching_loss = MatchingLoss.from_settings(pretrain)
+
+    def encoder_state(self) -> dict[str, Tensor]:
+        """The backbone's weights (encoder, KAF layers, decoder): what fine-tuning may load."""
+        return self.backbone.state_dict()
+
+    def _contrast(self, z1: Tensor, z2: Tensor, batch: dict[str, Tensor]) -> Tensor:
+        return contrastive_loss(gather(z1.float()), gather(z2.float()), gather(batch["position"]),
+                                gather(batch["partition"]), RULE[self.method], self.settings.temperature,
+                                self.settings.pcl_threshold)
+
+    def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        s = self.settings
+        if self.method != "kaf":
+            z1 = self.projection(self.backbone.encode(batch["view1"])[1])  # (B, projection_dim)
+            z2 = self.projection(self.backbone.encode(batch["view2"])[1])
+            term = self._contrast(z1, z2, batch)
+            return term, {"contrastive": term.detach().float(), "total": term.detach().float()}
+        views = torch.cat([batch["view1"], batch["view2"]])  # (2B, 1, P, P): one pass for both views
+        keypoints = torch.cat([batch["keypoints1"], batch["keypoints2"]])  # (2B, K, 2)
+        valid = torch.cat([batch["valid1"], batch["valid2"]])  # (2B, K)
+        encoding = self.backbone.encode(views, keypoints, valid)
+        z = self.projection(encoding.bottleneck)  # (2B, projection_dim)
+        half = batch["view1"].shape[0]
+        w1, w2, w3 = s.loss_weights
+        pcl = self._contrast(z[:half], z[half:], batch) if w1 else None
+        descriptors = self.keypoint_head.fuse_levels(encoding.keypoint_features)  # (2B, K, d)
+        global_term = None
+        if w2:
+            g = self.keypoint_head.pool(descriptors, valid)  # (2B, projection_dim)
+            global_term = self._contrast(g[:half], g[half:], batch)
+        local = local_c = None
+        if w3 or s.local_contrastive_weight:
+            size = tuple(batch["view1"].shape[-2:])
+            d1, d2 = self.matching_head(descriptors[:half], batch["keypoints1"], batch["valid1"],
+                                        descriptors[half:], batch["keypoints2"], batch["valid2"], size)
+            if w3:
+                scores = matching_scores(d1.float(), d2.float())  # (B, K, K)
+                local = self.matching_loss(scores, batch["match12"], batch["match21"], batch["valid1"],
+                                           batch["valid2"]).loss
+            if s.local_contrastive_weight:
+                local_c = local_contrastive_loss(d1.float(), d2.float(), batch["match12"], batch["valid1"],
+                                                 batch["valid2"], s.temperature)
+        return total_loss(pcl, global_term, local, s.loss_weights, local_c, s.local_contrastive_weight)

@@ -1,0 +1,182 @@
+"""Self-supervised pretraining (SPEC sections 5 and 6): one loop for ``kaf``, ``pcl``, ``gcl``, ``simclr``.
+
+SGD with momentum and a cosine schedule (per step); CUDA with mixed precision where present; several
+processes through ``torchrun`` (DistributedDataParallel, gloo on the CPU, nccl on GPUs); a CSV log of
+every step; atomic checkpoints holding everything needed to resume exactly; a non-finite loss stops the
+run with a message naming the step and the term, after saving the model and batch that produced it.
+
+    kpssl pretrain --data DIR --method kaf --preset tiny --out runs/kaf
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ..data.slices import load_volumes
+from ..keypoints import KeypointCache, PairDataset, collate_pairs
+from ..settings import Settings, save_settings
+from .common import (
+    EpochOrder, NonFiniteLossError, StepLog, check_finite, cosine_lr, load_checkpoint, reduce_mean,
+    rng_state, runtime, save_checkpoint, seed_everything, set_rng_state,
+)
+from .networks import METHODS, PretrainNetwork
+
+__all__ = ["PretrainResult", "pretrain", "to_device"]
+
+LOG_COLUMNS = ["epoch", "step", "lr", "total", "contrastive", "pcl", "global", "local", "local_contrastive",
+               "seconds"]
+
+
+@dataclass
+class PretrainResult:
+    out: Path
+    checkpoint: Path
+    steps: int
+    seconds: float
+    last_terms: dict[str, float]
+    network: PretrainNetwork  # the trained backbone and heads (this process's replica)
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _loader(dataset: Any, order: EpochOrder, epoch: int, start_step: int, workers: int, pin: bool) -> DataLoader:
+    dataset.set_epoch(epoch)
+    return DataLoader(dataset, batch_sampler=list(order.batches(epoch, start_step)), num_workers=workers,
+                      collate_fn=collate_pairs, pin_memory=pin, persistent_workers=False)
+
+
+def pretrain(
+    settings: Settings,
+    data: str | Path,
+    method: str,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    max_steps: int | None = None,
+    progress: bool = True,
+    device: str | None = None,
+    checkpoint_every_steps: int | None = None,
+    volumes: list | None = None,
+) -> PretrainResult:
+    """Pretrain ``method`` on the (unlabelled) volumes under ``data``; write everything to ``out``.
+
+    ``out`` receives ``settings.yaml``, ``log.csv`` (one row per step), ``checkpoint.pt`` (latest,
+    everything needed to resume), ``encoder.pt`` (the backbone weights fine-tuning loads) and
+    ``result.json``. ``max_steps`` stops early (tests, chapters); ``resume`` continues from
+    ``checkpoint.pt`` exactly where it stopped. ``checkpoint_every_steps`` adds mid-epoch checkpoints.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown pretraining method {method!r}; expected one of {', '.join(METHODS)}")
+    out = Path(out)
+    p = settings.pretrain
+    rt = runtime(p.mixed_precision, device)
+    seed_everything(settings.seed)
+    if volumes is None:
+        volumes = load_volumes(data, settings.data, labels=False)
+    cache = KeypointCache(Path(data))
+    dataset = PairDataset(volumes, settings, cache, seed=settings.seed)
+    order = EpochOrder(len(dataset), p.batch_size, settings.seed, rt.rank, rt.world)
+    total_steps = p.epochs * order.steps_per_epoch
+
+    network = PretrainNetwork(method, settings.model, p).to(rt.device)
+    if rt.distributed:
+        if rt.device.type == "cuda":
+            network = torch.nn.SyncBatchNorm.convert_sync_batchnorm(network)
+        model: torch.nn.Module = DistributedDataParallel(network, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    else:
+        model = network
+    optimiser = torch.optim.SGD(network.parameters(), lr=p.lr, momentum=p.momentum, weight_decay=p.weight_decay)
+    scaler = rt.grad_scaler()
+    log = StepLog(out / "log.csv", LOG_COLUMNS)
+    checkpoint_path = out / "checkpoint.pt"
+    step = 0
+    if resume and checkpoint_path.is_file():
+        state = load_checkpoint(checkpoint_path, rt.device)
+        if state.get("method") != method:
+            raise ValueError(f"{checkpoint_path}: holds a {state.get('method')!r} run, not {method!r}")
+        network.load_state_dict(state["model"])
+        optimiser.load_state_dict(state["optimiser"])
+        scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        step = int(state["step"])
+        if rt.main:
+            log.truncate_after(step)
+    elif rt.main:
+        if checkpoint_path.is_file() and not resume:
+            raise ValueError(f"{out}: holds a previous run; pass resume=True (--resume) or choose another folder")
+        out.mkdir(parents=True, exist_ok=True)
+        log.path.unlink(missing_ok=True)
+    if rt.main:
+        save_settings(settings, out / "settings.yaml")
+
+    def checkpoint() -> None:
+        if rt.main:
+            save_checkpoint(checkpoint_path, {
+                "method": method, "step": step, "model": network.state_dict(),
+                "optimiser": optimiser.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
+                "settings": settings.to_dict(),
+            })
+
+    last_step = total_steps if max_steps is None else min(total_steps, max_steps)
+    bar = tqdm(total=last_step, initial=step, desc=f"pretrain {method}", disable=not (progress and rt.main),
+               dynamic_ncols=True)
+    started = time.perf_counter()
+    terms: dict[str, float] = {}
+    model.train()
+    while step < last_step:
+        epoch, start = divmod(step, order.steps_per_epoch)
+        for batch in _loader(dataset, order, epoch, start, p.workers, rt.device.type == "cuda"):
+            batch = to_device(batch, rt.device)
+            lr = cosine_lr(step, total_steps, p.lr)
+            for group in optimiser.param_groups:
+                group["lr"] = lr
+            with rt.autocast():
+                loss, logged = model(batch)
+            try:
+                check_finite(logged, step)
+            except NonFiniteLossError:
+                if rt.main:
+                    save_checkpoint(out / f"nonfinite_step{step}.pt", {
+                        "model": network.state_dict(), "batch": {k: v.cpu() for k, v in batch.items()},
+                        "terms": {k: v.cpu() for k, v in logged.items()}, "step": step})
+                raise
+            optimiser.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimiser)
+            scaler.update()
+            step += 1
+            terms = {k: float(reduce_mean(v, rt)) for k, v in logged.items()}
+            if rt.main:
+                log.write({"epoch": epoch, "step": step, "lr": lr, "seconds": round(time.perf_counter() - started, 3),
+                           **terms})
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in terms.items()})
+            if checkpoint_every_steps and step % checkpoint_every_steps == 0:
+                checkpoint()
+            if step >= last_step:
+                break
+        if step % order.steps_per_epoch == 0 and (step // order.steps_per_epoch) % p.checkpoint_every == 0:
+            checkpoint()
+    bar.close()
+    checkpoint()
+    seconds = time.perf_counter() - started
+    if rt.main:
+        save_checkpoint(out / "encoder.pt", {"method": method, "model": network.encoder_state(),
+                                             "settings": settings.to_dict()})
+        result = {"method": method, "steps": step, "seconds": seconds, "last_terms": terms,
+                  "device": str(rt.device), "world": rt.world}
+        tmp = out / "result.json.tmp"
+        tmp.write_text(json.dumps(result, indent=2))
+        tmp.replace(out / "result.json")
+    return PretrainResult(out, checkpoint_path, step, seconds, terms, network)

@@ -1,0 +1,259 @@
+"""Pretraining, fine-tuning and the experiment runner on a tiny synthetic data set (CPU, seconds each)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from kpssl.data.synthetic import write_synthetic_acdc
+from kpssl.settings import preset
+from kpssl.train import common
+from kpssl.train.common import NonFiniteLossError, load_checkpoint
+from kpssl.train.experiment import collect_table, run_experiment
+from kpssl.train.finetune import finetune, load_encoder
+from kpssl.train.networks import PretrainNetwork, segmentation_model
+from kpssl.train.pretrain import pretrain
+
+
+def small_settings(**changes):
+    """The tiny preset made smaller still: 64 px patches, narrow widths, few keypoints and steps."""
+    values = {
+        "data.patch": 64, "keypoints.max_keypoints": 24, "model.width": 4, "model.descriptor_dim": 16,
+        "model.attention_blocks": 1, "model.fusion_hidden": 8, "model.matching_blocks": 2,
+        "model.projection_dim": 16, "pretrain.batch_size": 4, "pretrain.epochs": 2, "pretrain.workers": 0,
+        "pretrain.sinkhorn_iterations": 5, "finetune.epochs": 2, "finetune.batch_size": 4, "finetune.workers": 0,
+    }
+    values.update(changes)
+    return preset("tiny").replace(**values)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("synthetic")
+    write_synthetic_acdc(root, patients=6, seed=0)
+    return root
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(path)["model"]
+
+
+def log_rows(path: Path) -> list[dict]:
+    with path.open() as handle:
+        return list(csv.DictReader(handle))
+
+
+# --- pretraining ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["kaf", "pcl", "gcl", "simclr"])
+def test_steps_on_a_fixed_batch_decrease_the_loss(data, method):
+    from kpssl.data.slices import load_volumes
+    from kpssl.keypoints import PairDataset, collate_pairs
+
+    settings = small_settings()
+    torch.manual_seed(0)
+    volumes = load_volumes(data, settings.data, labels=False)
+    dataset = PairDataset(volumes, settings, None, seed=0)
+    batch = collate_pairs([dataset[i] for i in range(0, 24, 3)])
+    network = PretrainNetwork(method, settings.model, settings.pretrain)
+    optimiser = torch.optim.SGD(network.parameters(), lr=0.05, momentum=0.9)
+    losses = []
+    for _ in range(6):
+        loss, terms = network(batch)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    if method == "kaf":
+        assert set(terms) == {"pcl", "global", "local", "total"}
+
+
+def test_pretrain_writes_log_checkpoint_encoder(data, tmp_path):
+    settings = small_settings()
+    result = pretrain(settings, data, "kaf", tmp_path / "run", max_steps=3, progress=False)
+    assert result.steps == 3
+    rows = log_rows(tmp_path / "run" / "log.csv")
+    assert [int(r["step"]) for r in rows] == [1, 2, 3]
+    assert float(rows[0]["lr"]) == pytest.approx(settings.pretrain.lr)
+    assert all(float(r["total"]) > 0 for r in rows)
+    encoder = load_checkpoint(tmp_path / "run" / "encoder.pt")
+    assert encoder["method"] == "kaf" and any(k.startswith("kaf.") for k in encoder["model"])
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["steps"] == 3
+    with pytest.raises(ValueError, match="holds a previous run"):
+        pretrain(settings, data, "kaf", tmp_path / "run", max_steps=1, progress=False)
+
+
+def test_killed_and_resumed_run_ends_with_the_same_weights(data, tmp_path, monkeypatch):
+    settings = small_settings()  # 2 epochs
+    full = pretrain(settings, data, "kaf", tmp_path / "full", progress=False)
+    assert full.steps > 4
+
+    real_check = common.check_finite
+    calls = {"n": 0}
+
+    def killed_at_step_3(terms, step):
+        calls["n"] += 1
+        if step == 3:
+            raise KeyboardInterrupt  # the process dies in the middle of epoch 0
+        return real_check(terms, step)
+
+    import kpssl.train.pretrain as module
+
+    monkeypatch.setattr(module, "check_finite", killed_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(settings, data, "kaf", tmp_path / "resumed", progress=False, checkpoint_every_steps=2)
+    assert load_checkpoint(tmp_path / "resumed" / "checkpoint.pt")["step"] == 2
+    monkeypatch.setattr(module, "check_finite", real_check)
+    resumed = pretrain(settings, data, "kaf", tmp_path / "resumed", resume=True, progress=False)
+    assert resumed.steps == full.steps
+    a, b = weights(tmp_path / "full" / "checkpoint.pt"), weights(tmp_path / "resumed" / "checkpoint.pt")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert [r["total"] for r in log_rows(tmp_path / "full" / "log.csv")] == \
+        [r["total"] for r in log_rows(tmp_path / "resumed" / "log.csv")]
+
+
+def test_non_finite_loss_stops_the_run_naming_step_and_term(data, tmp_path, monkeypatch):
+    settings = small_settings()
+    real_forward = PretrainNetwork.forward
+
+    def poisoned(self, batch):
+        total, terms = real_forward(self, batch)
+        if poisoned.calls == 1:
+            terms["global"] = torch.tensor(float("nan"))
+            total = total * float("nan")
+        poisoned.calls += 1
+        return total, terms
+
+    poisoned.calls = 0
+    monkeypatch.setattr(PretrainNetwork, "forward", poisoned)
+    with pytest.raises(NonFiniteLossError, match=r"step 1: loss term 'global' is nan"):
+        pretrain(settings, data, "kaf", tmp_path / "run", progress=False)
+    saved = load_checkpoint(tmp_path / "run" / "nonfinite_step1.pt")
+    assert saved["step"] == 1 and "view1" in saved["batch"]
+    assert len(log_rows(tmp_path / "run" / "log.csv")) == 1  # the good step was logged, the bad one not
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, data: str, out: str) -> None:
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torch.set_num_threads(1)
+    try:
+        result = pretrain(small_settings(**{"pretrain.batch_size": 8}), data, "pcl", out, max_steps=3, progress=False)
+        torch.save(result.network.state_dict(), Path(out) / f"rank{rank}_final.pt")  # each replica's weights
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_two_process_gloo_run_matches_one_process(data, tmp_path):
+    single = pretrain(small_settings(**{"pretrain.batch_size": 8}), data, "pcl", tmp_path / "single",
+                      max_steps=3, progress=False)
+    assert single.steps == 3
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(data), str(tmp_path / "ddp")), nprocs=2, join=True)
+    one = [float(r["total"]) for r in log_rows(tmp_path / "single" / "log.csv")]
+    two = [float(r["total"]) for r in log_rows(tmp_path / "ddp" / "log.csv")]
+    assert len(two) == 3
+    # Same global batch of 8 and same samples; the global loss is gathered across processes exactly.
+    # BatchNorm statistics are per process on the CPU (4 samples each), hence a tolerance.
+    assert two == pytest.approx(one, rel=0.05)
+    r0 = torch.load(tmp_path / "ddp" / "rank0_final.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "ddp" / "rank1_final.pt", weights_only=True)
+    for key in r0:  # DDP keeps the replicas identical
+        if "running" not in key and "num_batches" not in key:
+            assert torch.equal(r0[key], r1[key]), key
+
+
+# --- fine-tuning ---------------------------------------------------------------------------------
+def test_finetune_improves_validation_dice_and_writes_results(data, tmp_path):
+    settings = small_settings(**{"finetune.epochs": 6, "finetune.lr": 5e-3, "finetune.lr_min": 1e-3})
+    result = finetune(settings, data, "unet_random", 0, 2, tmp_path / "ft", progress=False)
+    assert result.validation["dice_3d"] > result.validation["initial_dice_3d"] + 0.05
+    saved = json.loads((tmp_path / "ft" / "result.json").read_text())
+    assert saved["labeled"] == 2 and saved["fold"] == 0 and len(saved["train_patients"]) == 2
+    assert not set(saved["train_patients"]) & set(saved["test_patients"])
+    assert {"dice_3d", "dice_2d_pooled", "hd95_mm"} <= set(saved["test"])
+    assert saved["selection"] == "validation"
+
+
+def test_finetune_kaf_from_a_pretrained_encoder(data, tmp_path):
+    settings = small_settings()
+    pretrain(settings, data, "kaf", tmp_path / "pre", max_steps=2, progress=False)
+    encoder = tmp_path / "pre" / "encoder.pt"
+    model = segmentation_model("kaf", settings.model)
+    loaded = load_encoder(model, encoder, "kaf")
+    assert loaded and not any(k.startswith("decoder.") for k in loaded)
+    pre = load_checkpoint(encoder)["model"]
+    assert torch.equal(model.state_dict()["blocks.0.0.weight"], pre["blocks.0.0.weight"])
+    result = finetune(settings, data, "kaf", 1, 1, tmp_path / "ft", encoder=encoder, progress=False)
+    assert 0 <= result.test["dice_3d"] <= 1
+
+
+def test_bad_inputs_give_clear_errors(data, tmp_path):
+    settings = small_settings()
+    pretrain(settings, data, "pcl", tmp_path / "pre", max_steps=1, progress=False)
+    wider = settings.replace(**{"model.width": 8})
+    with pytest.raises(ValueError, match=r"encoder\.pt: does not fit this architecture"):
+        load_encoder(segmentation_model("pcl", wider.model), tmp_path / "pre" / "encoder.pt", "pcl")
+    with pytest.raises(ValueError, match=r"pretrained with 'pcl', cannot initialise 'gcl'"):
+        load_encoder(segmentation_model("gcl", settings.model), tmp_path / "pre" / "encoder.pt", "gcl")
+    with pytest.raises(ValueError, match="fold 7 does not exist"):
+        finetune(settings, data, "unet_random", 7, 1, tmp_path / "x", progress=False)
+    with pytest.raises(ValueError, match=r"M = 9 labelled patients requested but fold 0 has only"):
+        finetune(settings, data, "unet_random", 0, 9, tmp_path / "y", progress=False)
+    with pytest.raises(ValueError, match="needs a pretrained encoder"):
+        finetune(settings, data, "kaf", 0, 1, tmp_path / "z", progress=False)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=r"garbage\.pt: not a readable checkpoint"):
+        load_encoder(segmentation_model("pcl", settings.model), garbage, "pcl")
+
+
+# --- experiment runner ---------------------------------------------------------------------------
+def test_experiment_resumes_without_redoing_finished_runs(data, tmp_path, monkeypatch):
+    settings = small_settings()
+    import kpssl.train.experiment as module
+
+    real = module.finetune
+    calls = []
+
+    def dies_on_third(*args, **kwargs):
+        calls.append(args[3:5])
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, "finetune", dies_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(settings, data, ["unet_random"], [1, 2], [0, 1], tmp_path / "table", progress=False)
+    first = tmp_path / "table" / "finetune" / "unet_random" / "M1" / "fold0" / "result.json"
+    stamp = first.stat().st_mtime_ns
+    table = (tmp_path / "table" / "table.csv").read_text().splitlines()
+    assert table[0].startswith("method,M,dice_3d_mean") and len(table) == 3  # M1 and M2 of fold 0
+
+    calls.clear()
+    monkeypatch.setattr(module, "finetune", real)
+    rows = run_experiment(settings, data, ["unet_random"], [1, 2], [0, 1], tmp_path / "table", progress=False)
+    assert first.stat().st_mtime_ns == stamp
+    assert [(r["method"], r["M"], r["folds"]) for r in rows] == [("unet_random", 1, 2), ("unet_random", 2, 2)]
+    assert collect_table(tmp_path / "table") == rows
+    meta = json.loads((tmp_path / "table" / "table.json").read_text())
+    assert meta["rows"] == rows
+    with pytest.raises(ValueError, match="M = 9"):
+        run_experiment(settings, data, ["unet_random"], [9], [0], tmp_path / "other", progress=False)
