@@ -42,8 +42,8 @@ class CheckReport:
             cols = [s[2] for s in self.shapes]
             lines.append(f"  slices per volume {min(self.slices)}-{max(self.slices)}, in-plane size "
                          f"{min(rows)}-{max(rows)} x {min(cols)}-{max(cols)} px")
-            lines.append(f"  spacing (z, row, col) mm: min {tuple(np.round(spacing.min(0), 2))}, "
-                         f"max {tuple(np.round(spacing.max(0), 2))}")
+            low, high = (tuple(round(float(v), 2) for v in values) for values in (spacing.min(0), spacing.max(0)))
+            lines.append(f"  spacing (z, row, col) mm: min {low}, max {high}")
             total = sum(self.label_counts.values())
             shares = ", ".join(f"{k}: {100 * v / total:.2f}%" for k, v in sorted(self.label_counts.items()))
             lines.append(f"  label voxels {shares}")
