@@ -51,11 +51,11 @@ def data_root(start: Path | None = None) -> Path:
 
 def ensure_synthetic(root: Path, patients: int = SYNTHETIC_PATIENTS, seed: int = SYNTHETIC_SEED) -> Path:
     """The built-in synthetic data set under ``root/synthetic``, written on first use (seconds)."""
-    from .data.synthetic import write_synthetic_acdc
+    from .data.synthetic import GENERATOR_VERSION, write_synthetic_acdc
 
     folder = Path(root) / "synthetic"
     stamp = folder / ".complete"
-    expected = f"patients={patients} seed={seed}"
+    expected = f"patients={patients} seed={seed} generator={GENERATOR_VERSION}"
     if not (stamp.is_file() and stamp.read_text() == expected):
         write_synthetic_acdc(folder, patients=patients, seed=seed)
         tmp = stamp.with_name(".complete.tmp")

@@ -50,7 +50,11 @@ from scipy.ndimage import gaussian_filter
 
 from .nifti import DataError, write_volume
 
-__all__ = ["GROUPS", "SyntheticPatient", "synthesize_patient", "write_synthetic_acdc"]
+__all__ = ["GENERATOR_VERSION", "GROUPS", "SyntheticPatient", "synthesize_patient", "write_synthetic_acdc"]
+
+# Raise whenever a change to this module changes the data it writes: folders written by an older
+# version are then rewritten by ``kpssl.book.ensure_synthetic`` instead of being reused.
+GENERATOR_VERSION = 1
 
 GROUPS = ("NOR", "MINF", "DCM", "HCM", "ARV")
 """Groups as in ACDC; patient ``index`` (1-based) belongs to ``GROUPS[(index - 1) % 5]``."""
