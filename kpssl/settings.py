@@ -86,6 +86,8 @@ class ModelSettings:
     heads: int = 4
     fusion_hidden: int = 64  # hidden width of the D_l fusion convolutions
     sampling: str = "nearest"  # "nearest" (paper) or "bilinear"
+    sparse_fusion: bool = True  # D_l computed from the keypoints (same result as the dense path, far cheaper)
+    kaf_decoder: str = "doubled"  # "doubled" (32f bottleneck, 2f decoder: authors, paper) or "plain" (UNet's)
     matching_blocks: int = 4  # alternating self/cross blocks of the matching head
     projection_dim: int = 512  # output of the global projection heads
 
