@@ -118,8 +118,8 @@ def run_experiment(
                              f"{len(split.train)} training patients")
     started = time.perf_counter()
     meta = dict(meta or {})
-    for method in methods:
-        for fold in folds:
+    for fold in folds:  # fold by fold, so a stopped run leaves every method with the same folds done
+        for method in methods:
             encoder = None
             if method in PRETRAINED:
                 encoder = _pretrained_encoder(settings, data, method, fold, out, pretrain_scope, progress)
