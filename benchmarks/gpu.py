@@ -99,9 +99,10 @@ def model_step_variants(args, settings, device, results) -> None:
     keypoints, valid = random_keypoints(batch, k, size, device)
     variants = [("float32", None, False, False), ("bf16", torch.bfloat16, False, False),
                 ("bf16+channels_last", torch.bfloat16, True, False), ("bf16+compile", torch.bfloat16, False, True)]
+    variants = [v for v in variants if v[3] == args.compiled_only]
     if device.type != "cuda":
         variants = [v for v in variants if v[1] is None]
-    results["model_images_per_s"] = {}
+    results.setdefault("model_images_per_s", {})
     for name, build in (("unet", lambda: UNet(m.in_channels, m.classes, m.width)), ("kaf_unet", lambda: KAFUNet(m))):
         for variant, dtype, channels_last, compiled in variants:
             try:
@@ -295,8 +296,8 @@ def main() -> None:
     parser.add_argument("--busy-steps", type=int, default=30)
     parser.add_argument("--loader-pairs", type=int, default=400)
     parser.add_argument("--patients", type=int, default=20)
-    parser.add_argument("--skip", nargs="*", default=[], choices=["variants", "pretrain", "finetune", "loader"])
-    parser.add_argument("--out", help="also write the JSON here")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["variants", "pretrain", "finetune", "loader", "compile"])
+    parser.add_argument("--out", help="also write the JSON here (rewritten after every section)")
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -324,25 +325,35 @@ def main() -> None:
     tflops = matmul_rate(device)
     results["matmul_tflops"] = round(tflops, 1)
     report("matrix-multiply ceiling", f"{tflops:9.1f} TFLOP/s ({'bf16' if device.type == 'cuda' else 'fp32'})")
+    def save() -> None:  # after every section, so a run cut short still leaves its numbers
+        if "pretrain" in results and device.type == "cuda":
+            results["peak_memory_gib"] = max(v["peak_memory_gib"] for v in results["pretrain"].values())
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(results, indent=2))
+
+    args.compiled_only = False
     if "variants" not in args.skip:
         model_step_variants(args, settings, device, results)
+        save()
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder) / "synthetic"
         write_synthetic_acdc(root, patients=args.patients, seed=0)
         dataset = pair_dataset(root, settings, args.patients)
         if "pretrain" not in args.skip:
             pretrain_steps(args, settings, dataset, device, amp, results, tflops)
+            save()
         if "finetune" not in args.skip:
             finetune_steps(args, settings, device, amp, results)
+            save()
         if "loader" not in args.skip:
             loader_and_busy(args, settings, dataset, device, amp, results)
-    if "pretrain" in results and device.type == "cuda":
-        results["peak_memory_gib"] = max(v["peak_memory_gib"] for v in results["pretrain"].values())
-    text = json.dumps(results)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=2))
-    print(text)
+            save()
+    if "variants" not in args.skip and "compile" not in args.skip and device.type == "cuda":
+        args.compiled_only = True  # last: compilation takes minutes and may fail
+        model_step_variants(args, settings, device, results)
+        save()
+    print(json.dumps(results))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import time
 from pathlib import Path
 from typing import Sequence
@@ -75,13 +76,13 @@ def collect_table(out: Path) -> list[dict]:
 def write_table(rows: list[dict], out: Path, meta: dict) -> None:
     """``table.csv`` and ``table.json`` (with ``meta``: command, preset, commit, run time), atomically."""
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "table.csv.tmp"
+    tmp = out / f"table.csv.tmp{os.getpid()}"
     with tmp.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, TABLE_COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
     tmp.replace(out / "table.csv")
-    tmp = out / "table.json.tmp"
+    tmp = out / f"table.json.tmp{os.getpid()}"
     tmp.write_text(json.dumps({**meta, "rows": rows}, indent=2))
     tmp.replace(out / "table.json")
 

@@ -170,6 +170,9 @@ def finetune(
     patients = sorted({c.patient for c in cases})
     split = fold_split(patients, fold, settings.splits)
     train_patients = labelled_subset(split, labelled, settings.splits.subset_seed)
+    if ft.selection == "validation" and not split.validation:
+        raise ValueError("selection='validation' needs validation patients, but splits.validation_fraction is 0; "
+                         "raise it, or choose selection='test_fold' (the authors' protocol) knowingly")
     class_names = [cases[0].labels.get(c, str(c)) for c in range(1, settings.data.classes)]
     by_patient = {p: [c for c in cases if c.patient == p] for p in patients}
 
