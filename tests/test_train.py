@@ -257,3 +257,13 @@ def test_experiment_resumes_without_redoing_finished_runs(data, tmp_path, monkey
     assert meta["rows"] == rows
     with pytest.raises(ValueError, match="M = 9"):
         run_experiment(settings, data, ["unet_random"], [9], [0], tmp_path / "other", progress=False)
+
+
+def test_sync_batchnorm_leaves_the_masked_keypoint_batchnorm_alone():
+    from kpssl.models.attention import MaskedBatchNorm1d
+    from kpssl.train.common import sync_batchnorm
+
+    network = sync_batchnorm(PretrainNetwork("kaf", small_settings().model, small_settings().pretrain))
+    kinds = {type(m) for m in network.modules()}
+    assert torch.nn.SyncBatchNorm in kinds and MaskedBatchNorm1d in kinds
+    assert torch.nn.BatchNorm2d not in kinds and torch.nn.BatchNorm1d not in kinds

@@ -39,6 +39,8 @@ __all__ = [
     "NonFiniteLossError",
     "check_finite",
     "reduce_mean",
+    "sync_batchnorm",
+    "unwrap",
 ]
 
 
@@ -220,6 +222,20 @@ def reduce_mean(value: torch.Tensor, runtime: Runtime) -> torch.Tensor:
     value = value.detach().clone()
     dist.all_reduce(value)
     return value / runtime.world
+
+
+def sync_batchnorm(module: nn.Module) -> nn.Module:
+    """Replace plain ``BatchNorm1d``/``BatchNorm2d`` layers by ``SyncBatchNorm`` (CUDA, several processes).
+
+    Only those exact types: subclasses such as the KAF layers' masked BatchNorm over keypoints take a mask
+    argument that ``SyncBatchNorm`` does not, and keep their per-process statistics.
+    """
+    for name, child in module.named_children():
+        if type(child) in (nn.BatchNorm1d, nn.BatchNorm2d):
+            setattr(module, name, nn.SyncBatchNorm.convert_sync_batchnorm(child))
+        else:
+            sync_batchnorm(child)
+    return module
 
 
 def unwrap(model: nn.Module) -> nn.Module:

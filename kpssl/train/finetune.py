@@ -34,7 +34,7 @@ from ..keypoints import KeypointCache, LabelledKeypointSlices, collate_labelled
 from ..settings import Settings, save_settings
 from .common import (
     EpochOrder, StepLog, cosine_lr, load_checkpoint, rng_state, runtime, save_checkpoint, seed_everything,
-    set_rng_state, unwrap,
+    set_rng_state, sync_batchnorm, unwrap,
 )
 from .networks import segmentation_model
 from .pretrain import to_device
@@ -193,7 +193,7 @@ def finetune(
     model: nn.Module = network
     if rt.distributed:
         if rt.device.type == "cuda":
-            network = nn.SyncBatchNorm.convert_sync_batchnorm(network)
+            network = sync_batchnorm(network)
         model = DistributedDataParallel(network, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
     optimiser = torch.optim.Adam(network.parameters(), lr=ft.lr, weight_decay=ft.weight_decay)
     scaler = rt.grad_scaler()

@@ -26,7 +26,7 @@ from ..keypoints import KeypointCache, PairDataset, collate_pairs
 from ..settings import Settings, save_settings
 from .common import (
     EpochOrder, NonFiniteLossError, StepLog, check_finite, cosine_lr, load_checkpoint, reduce_mean,
-    rng_state, runtime, save_checkpoint, seed_everything, set_rng_state,
+    rng_state, runtime, save_checkpoint, seed_everything, set_rng_state, sync_batchnorm,
 )
 from .networks import METHODS, PretrainNetwork
 
@@ -92,7 +92,7 @@ def pretrain(
     network = PretrainNetwork(method, settings.model, p).to(rt.device)
     if rt.distributed:
         if rt.device.type == "cuda":
-            network = torch.nn.SyncBatchNorm.convert_sync_batchnorm(network)
+            network = sync_batchnorm(network)
         model: torch.nn.Module = DistributedDataParallel(network, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
     else:
         model = network
