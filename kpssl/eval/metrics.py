@@ -56,6 +56,7 @@ def volume_scores(prediction: np.ndarray, reference: np.ndarray, classes: int,
     pred, ref = _one_hot(prediction, classes), _one_hot(reference, classes)
     with warnings.catch_warnings():  # empty structures are handled below, not warned about
         warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", FutureWarning)  # MONAI's own deprecation notice, raised internally
         hd = compute_hausdorff_distance(pred, ref, include_background=False, percentile=95,
                                         spacing=[float(s) for s in spacing])[0].double().numpy()  # (C - 1,)
     present = np.array([(prediction == c).any() and (reference == c).any() for c in range(1, classes)])
