@@ -12,8 +12,10 @@ Each configuration is timed over ``--repeats`` training steps (forward, sum of l
 KAF-UNet decoder layouts take turns in every round, so a change of machine load hits all of them; a
 ratio is the median over rounds of (KAF-UNet time / UNet time), reported beside fastest / fastest.
 "doubled" is the authors' network (the paper's parameter counts), "plain" keeps the UNet's decoder.
-The last line printed is JSON with ``ratio_tiny`` and ``ratio_paper_width`` (the "doubled" network),
-the same for "plain", the sizes and the times.
+Beside each time, the step's floating-point operations (PyTorch's FLOP counter: convolutions, matrix
+products, attention) and their ratio: a time ratio close to the FLOP ratio means the extra time is
+arithmetic the architecture asks for, not overhead. The last line printed is JSON with ``ratio_tiny``
+and ``ratio_paper_width`` (the "doubled" network), the same for "plain", the sizes, times and FLOPs.
 
 On a GPU the picture differs (measured on one H100, training steps, K = 200, 352 x 352, batch 8): UNet
 f = 48 45 ms, KAF-UNet 246 ms in float32 (5.4x); 36 ms and 242 ms with bfloat16 autocast; 21 ms and
@@ -35,7 +37,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from kpssl.models import KAFUNet, UNet, count_parameters
+from kpssl.models import KAFUNet, UNet, count_flops, count_parameters
 from kpssl.settings import ModelSettings, preset
 
 
@@ -95,21 +97,25 @@ def compare(settings: ModelSettings, batch: int, size: int, keypoints: int, warm
     for layout in ("doubled", "plain"):
         models[layout] = KAFUNet(dataclasses.replace(settings, kaf_decoder=layout)).to(device).train()
         steps[layout] = training_step(models[layout], image, points, valid)
+    flops = {name: count_flops(step) for name, step in steps.items()}
     times = time_interleaved(steps, warmup, repeats, device)
-    result = {"unet_s": statistics.median(times["unet"])}
+    result = {"unet_s": statistics.median(times["unet"]), "unet_gflop": flops["unet"] / 1e9}
     print(f"[{label}] batch {batch}, {size} x {size}, K = {keypoints}")
     print(f"[{label}] UNet f={settings.width}: {count_parameters(models['unet']) / 1e6:.2f}M params, "
-          f"{result['unet_s'] * 1e3:.1f} ms per forward+backward")
+          f"{result['unet_s'] * 1e3:.1f} ms per forward+backward, {flops['unet'] / 1e9:.2f} GFLOP")
     for layout in ("doubled", "plain"):
         ratios = [t / u for t, u in zip(times[layout], times["unet"])]
         result[f"kaf_{layout}_s"] = statistics.median(times[layout])
         result[f"ratio_{layout}"] = statistics.median(ratios)
         result[f"ratio_{layout}_of_minima"] = min(times[layout]) / min(times["unet"])
+        result[f"kaf_{layout}_gflop"] = flops[layout] / 1e9
+        result[f"flop_ratio_{layout}"] = flops[layout] / flops["unet"]
         print(f"[{label}] KAF-UNet ({layout} decoder, T={settings.attention_blocks}, d={settings.descriptor_dim}, "
               f"hidden={settings.fusion_hidden}): {count_parameters(models[layout]) / 1e6:.2f}M params, "
               f"{result[f'kaf_{layout}_s'] * 1e3:.1f} ms, ratio {result[f'ratio_{layout}']:.2f} "
               f"(rounds {min(ratios):.2f}-{max(ratios):.2f}; fastest / fastest "
-              f"{result[f'ratio_{layout}_of_minima']:.2f})")
+              f"{result[f'ratio_{layout}_of_minima']:.2f}); {flops[layout] / 1e9:.2f} GFLOP, FLOP ratio "
+              f"{result[f'flop_ratio_{layout}']:.2f}")
     return result
 
 

@@ -6,8 +6,10 @@ For the ``tiny`` preset on the synthetic data, each method runs full optimisatio
 DataLoader workers, forward, losses, backward, SGD) and the script prints pairs per second and the
 time of a KAF step over a PCL step, measured in the same run. A paper-width configuration (f = 48,
 T = 16, d = 256, K = 200) follows at a patch the CPU can run (``--paper-size``), model and losses only
-(a fixed batch), for ``kaf`` and ``pcl``. The last line is JSON with ``tiny_pairs_per_s`` (method ->
-pairs/s), ``kaf_over_pcl_time_tiny`` and the paper-width figures.
+(a fixed batch), for ``kaf`` and ``pcl``. Each step's floating-point operations are counted too (PyTorch's
+FLOP counter), so the time ratio can be set beside the arithmetic the architectures ask for. The last
+line is JSON with ``tiny_pairs_per_s`` (method -> pairs/s), ``kaf_over_pcl_time_tiny``,
+``kaf_over_pcl_flops_tiny`` and the paper-width figures.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from torch.utils.data import DataLoader
 from kpssl.data.slices import load_volumes
 from kpssl.data.synthetic import write_synthetic_acdc
 from kpssl.keypoints import KeypointCache, PairDataset, collate_pairs
+from kpssl.models import count_flops
 from kpssl.settings import preset
 from kpssl.train.common import EpochOrder
 from kpssl.train.networks import METHODS, PretrainNetwork
@@ -45,6 +48,16 @@ def time_steps(network: PretrainNetwork, batches, steps: int, warmup: int = 2) -
             times.append(time.perf_counter() - start)
     times.sort()
     return times[len(times) // 2]
+
+
+def step_flops(network: PretrainNetwork, batch: dict) -> int:
+    """Floating-point operations of one forward and backward pass on ``batch``."""
+    def step() -> None:
+        loss, _ = network(batch)
+        loss.backward()
+    flops = count_flops(step)
+    network.zero_grad(set_to_none=True)
+    return flops
 
 
 def loader_batches(dataset: PairDataset, batch_size: int, workers: int):
@@ -73,19 +86,25 @@ def main() -> None:
         write_synthetic_acdc(root, patients=args.patients, seed=0)
         volumes = load_volumes(root, settings.data, labels=False)
         dataset = PairDataset(volumes, settings, KeypointCache(root), seed=0).prepare()
-        seconds = {}
+        seconds, flops = {}, {}
+        fixed = collate_pairs([dataset[i] for i in range(settings.pretrain.batch_size)])
         print(f"tiny preset: patch {settings.data.patch}, batch {settings.pretrain.batch_size}, "
               f"K {settings.keypoints.max_keypoints}, {args.workers} loader workers, {results['threads']} threads")
         for method in METHODS:
             torch.manual_seed(0)
             network = PretrainNetwork(method, settings.model, settings.pretrain)
+            flops[method] = step_flops(network, fixed)
             batches = loader_batches(dataset, settings.pretrain.batch_size, args.workers)
             seconds[method] = time_steps(network, batches, args.steps)
             rate = settings.pretrain.batch_size / seconds[method]
             results["tiny_pairs_per_s"][method] = round(rate, 2)
-            print(f"  {method:>7}: {seconds[method] * 1000:8.1f} ms per step, {rate:7.1f} pairs/s")
+            print(f"  {method:>7}: {seconds[method] * 1000:8.1f} ms per step, {rate:7.1f} pairs/s, "
+                  f"{flops[method] / 1e9:.2f} GFLOP per step")
         results["kaf_over_pcl_time_tiny"] = round(seconds["kaf"] / seconds["pcl"], 3)
-        print(f"  KAF step / PCL step: {results['kaf_over_pcl_time_tiny']:.2f}")
+        results["tiny_gflop_per_step"] = {m: round(v / 1e9, 3) for m, v in flops.items()}
+        results["kaf_over_pcl_flops_tiny"] = round(flops["kaf"] / flops["pcl"], 3)
+        print(f"  KAF step / PCL step: {results['kaf_over_pcl_time_tiny']:.2f} in time, "
+              f"{results['kaf_over_pcl_flops_tiny']:.2f} in FLOPs")
 
         paper = preset("paper_acdc").replace(**{"data.patch": args.paper_size,
                                                  "pretrain.batch_size": args.paper_batch,
@@ -94,16 +113,20 @@ def main() -> None:
         batch = collate_pairs([dataset[i] for i in range(args.paper_batch)])
         print(f"paper width (f=48, T=16, d=256, K=200) at {args.paper_size} x {args.paper_size}, "
               f"batch {args.paper_batch}, fixed batch (no loader):")
-        paper_seconds = {}
+        paper_seconds, paper_flops = {}, {}
         for method in ("kaf", "pcl"):
             torch.manual_seed(0)
             network = PretrainNetwork(method, paper.model, paper.pretrain)
+            paper_flops[method] = step_flops(network, batch)
             paper_seconds[method] = time_steps(network, iter(lambda: batch, None), max(2, args.steps // 2), warmup=1)
-            print(f"  {method:>7}: {paper_seconds[method]:8.2f} s per step")
+            print(f"  {method:>7}: {paper_seconds[method]:8.2f} s per step, {paper_flops[method] / 1e9:.1f} GFLOP")
         results["paper_width"] = {"patch": args.paper_size, "batch": args.paper_batch,
                                   "seconds_per_step": {k: round(v, 3) for k, v in paper_seconds.items()},
-                                  "kaf_over_pcl_time": round(paper_seconds["kaf"] / paper_seconds["pcl"], 3)}
-        print(f"  KAF step / PCL step: {results['paper_width']['kaf_over_pcl_time']:.2f}")
+                                  "gflop_per_step": {k: round(v / 1e9, 2) for k, v in paper_flops.items()},
+                                  "kaf_over_pcl_time": round(paper_seconds["kaf"] / paper_seconds["pcl"], 3),
+                                  "kaf_over_pcl_flops": round(paper_flops["kaf"] / paper_flops["pcl"], 3)}
+        print(f"  KAF step / PCL step: {results['paper_width']['kaf_over_pcl_time']:.2f} in time, "
+              f"{results['paper_width']['kaf_over_pcl_flops']:.2f} in FLOPs")
     print(json.dumps(results))
 
 

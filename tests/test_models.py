@@ -568,3 +568,14 @@ def test_format_parameter_summary_accepts_settings():
     assert "segmentation" in text
     with pytest.raises(ValueError, match="empty"):
         format_parameter_summary({})
+
+
+def test_count_flops_counts_a_matrix_product_and_a_convolution():
+    from kpssl.models import count_flops
+
+    linear = torch.nn.Linear(6, 5, bias=False)
+    x = torch.randn(4, 6)
+    assert count_flops(lambda: linear(x)) == 2 * 4 * 6 * 5  # one multiply-add is 2 FLOPs
+    conv = torch.nn.Conv2d(3, 2, 3, padding=1, bias=False)
+    image = torch.randn(1, 3, 8, 8)
+    assert count_flops(lambda: conv(image)) == 2 * 8 * 8 * 2 * 3 * 9

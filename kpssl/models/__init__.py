@@ -45,7 +45,7 @@ from kpssl.models.sparse import (
     sparse_conv3x3_dense,
     spread_keypoints,
 )
-from kpssl.models.summary import count_parameters, format_parameter_summary, parameter_summary
+from kpssl.models.summary import count_flops, count_parameters, format_parameter_summary, parameter_summary
 from kpssl.models.unet import UNet
 
 __all__ = [
@@ -84,5 +84,6 @@ __all__ = [
     "sparse_conv3x3_dense",
     "count_parameters",
     "parameter_summary",
+    "count_flops",
     "format_parameter_summary",
 ]

@@ -6,20 +6,34 @@ The modules are built on PyTorch's ``meta`` device: no memory is allocated, so e
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from kpssl.models.heads import BottleneckProjection, KeypointGlobalHead, MatchingHead
 from kpssl.models.kaf_unet import KAFUNet
 from kpssl.models.unet import UNet
 from kpssl.settings import ModelSettings
 
-__all__ = ["count_parameters", "parameter_summary", "format_parameter_summary"]
+__all__ = ["count_parameters", "count_flops", "parameter_summary", "format_parameter_summary"]
 
 
 def count_parameters(module: nn.Module) -> int:
     """Number of parameters (trainable or not) of ``module``."""
     return sum(p.numel() for p in module.parameters())
+
+
+def count_flops(step: Callable[[], object]) -> int:
+    """Floating-point operations of one call of ``step`` (for example a forward and backward pass).
+
+    Counted by PyTorch's FLOP counter, which covers matrix products, convolutions and attention (one
+    multiply-add is 2 FLOPs) and ignores element-wise work, normalisation and indexing.
+    """
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
 
 
 def parameter_summary(settings: ModelSettings) -> dict[str, int]:
