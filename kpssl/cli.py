@@ -49,9 +49,24 @@ def _summary(args: argparse.Namespace) -> int:
 
 
 def _settings(args: argparse.Namespace):
+    """The preset (or settings file) with every ``--set KEY=VALUE`` applied; values are read as YAML."""
+    import yaml
+
     from .settings import load_settings, preset
 
-    return load_settings(args.settings) if getattr(args, "settings", None) else preset(args.preset)
+    settings = load_settings(args.settings) if getattr(args, "settings", None) else preset(args.preset)
+    changes = {}
+    for item in getattr(args, "set", None) or []:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"kpssl: --set expects KEY=VALUE (for example model.attention_blocks=4), got {item!r}")
+        changes[key.strip()] = yaml.safe_load(text)
+    if not changes:
+        return settings
+    try:
+        return settings.replace(**changes)
+    except (KeyError, ValueError, TypeError) as error:
+        raise SystemExit(f"kpssl: --set: {error}") from None
 
 
 def _pretrain(args: argparse.Namespace) -> int:
@@ -138,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--data", required=True, help="data folder (ACDC or Decathlon layout)")
         sub.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
         sub.add_argument("--settings", help="a settings YAML/JSON file (overrides --preset)")
+        sub.add_argument("--set", action="append", metavar="KEY=VALUE",
+                         help="change one setting, e.g. --set model.attention_blocks=4 or "
+                              "--set 'model.kaf_levels=[false, true, true, true]' (repeatable)")
         sub.add_argument("--quiet", action="store_true", help="no progress bar")
 
     sub = command("pretrain", _pretrain, "self-supervised pretraining of one method")

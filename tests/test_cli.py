@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from kpssl.cli import main
@@ -50,3 +51,21 @@ def test_chapters_use_the_repository_address_of_the_config():
         setup = next(c for c in cells if c["cell_type"] == "code")
         found = re.findall(r'REPOSITORY = "([^"]+)"', "".join(setup["source"]))
         assert found == [url], notebook.name
+
+
+def test_set_changes_settings_and_rejects_unknown_keys():
+    from kpssl.cli import _settings, build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["pretrain", "--data", "d", "--method", "kaf", "--out", "o", "--set",
+                              "model.attention_blocks=4", "--set", "model.kaf_levels=[false, true, true, true]",
+                              "--set", "pretrain.loss_weights=[1, 0, 0]"])
+    settings = _settings(args)
+    assert settings.model.attention_blocks == 4
+    assert settings.model.kaf_levels == (False, True, True, True)
+    assert tuple(settings.pretrain.loss_weights) == (1, 0, 0)
+    assert settings.model.width == 8  # the rest is the tiny preset
+    for bad in ("model.no_such_field=1", "model.width"):
+        args = parser.parse_args(["pretrain", "--data", "d", "--method", "kaf", "--out", "o", "--set", bad])
+        with pytest.raises(SystemExit, match="--set"):
+            _settings(args)

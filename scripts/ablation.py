@@ -1,0 +1,115 @@
+"""The ablations of the paper's Table 2, on the built-in data: KAF levels, T, the loss weights, the radius.
+
+    python scripts/ablation.py --data data/synthetic --preset tiny --labeled 2 --folds 0 \
+        --out runs/tiny_ablation --table book/results/tiny_ablation
+
+Every variant is the preset with a few settings changed (``kpssl experiment --set KEY=VALUE`` does the
+same for one variant): it is pretrained with ``kaf`` and fine-tuned on M labelled patients of each fold,
+exactly as in the main table. The reference rows are the preset itself with ``kaf``, the KAF-UNet from a
+random initialisation (``kaf_random``) and PCL (no KAF at all). Each variant has its own folder under
+``--out``, so the script can be stopped and restarted; the table (CSV, and JSON with the command, the
+commit and each variant's settings) is rewritten atomically after every variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from kpssl.settings import load_settings, preset
+from kpssl.train.experiment import TABLE_COLUMNS, run_experiment
+
+LEVELS_OFF = {f"without level {level}": {"model.kaf_levels": [lv != level for lv in range(1, 5)]}
+              for level in range(1, 5)}
+VARIANTS: dict[str, tuple[str, list[str], dict]] = {
+    # name: (group, methods, changed settings)
+    "preset": ("reference", ["pcl", "kaf_random", "kaf"], {}),
+    **{name: ("KAF levels", ["kaf"], change) for name, change in LEVELS_OFF.items()},
+    "T = 1": ("attention blocks T", ["kaf"], {"model.attention_blocks": 1}),
+    "T = 4": ("attention blocks T", ["kaf"], {"model.attention_blocks": 4}),
+    "weights (1, 0, 0)": ("loss weights", ["kaf"], {"pretrain.loss_weights": [1.0, 0.0, 0.0]}),
+    "weights (0, 1, 0)": ("loss weights", ["kaf"], {"pretrain.loss_weights": [0.0, 1.0, 0.0]}),
+    "weights (1, 1, 0)": ("loss weights", ["kaf"], {"pretrain.loss_weights": [1.0, 1.0, 0.0]}),
+    "radius x 0.5": ("correspondence radius", ["kaf"], {"keypoints.radius_forward": 0.5,
+                                                        "keypoints.radius_reverse": 0.5}),
+    "radius x 2": ("correspondence radius", ["kaf"], {"keypoints.radius_forward": 2.0,
+                                                      "keypoints.radius_reverse": 2.0}),
+}
+RADIUS_KEYS = ("keypoints.radius_forward", "keypoints.radius_reverse")
+COLUMNS = ["variant", "group", "changes", *TABLE_COLUMNS]
+
+
+def folder_name(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name).strip("_")
+
+
+def variant_settings(base, changes: dict):
+    """The base settings with ``changes``; radius entries are factors of the base radius."""
+    concrete = {}
+    for key, value in changes.items():
+        if key in RADIUS_KEYS:
+            group, leaf = key.split(".")
+            value = getattr(getattr(base, group), leaf) * value
+        concrete[key] = value
+    return base.replace(**concrete), concrete
+
+
+def write_rows(rows: list[dict], table: Path, meta: dict) -> None:
+    table.parent.mkdir(parents=True, exist_ok=True)
+    tmp = table.with_name(f"{table.name}.csv.tmp{os.getpid()}")
+    with tmp.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(table.with_suffix(".csv"))
+    tmp = table.with_name(f"{table.name}.json.tmp{os.getpid()}")
+    tmp.write_text(json.dumps({**meta, "rows": rows}, indent=2))
+    tmp.replace(table.with_suffix(".json"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--settings", help="a settings file instead of the preset")
+    parser.add_argument("--labeled", nargs="+", type=int, default=[2])
+    parser.add_argument("--folds", nargs="+", type=int, default=[0])
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--out", required=True, help="folder for the runs")
+    parser.add_argument("--table", required=True, help="table path without suffix (.csv and .json are written)")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args()
+
+    base = load_settings(args.settings) if args.settings else preset(args.preset)
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    meta = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "preset": base.name,
+            "commit": commit, "variants": {}}
+    started = time.perf_counter()
+    rows: list[dict] = []
+    for name in args.variants:
+        group, methods, changes = VARIANTS[name]
+        settings, concrete = variant_settings(base, changes)
+        meta["variants"][name] = {"group": group, "methods": methods, "changes": concrete}
+        variant_rows = run_experiment(settings, args.data, methods, args.labeled, args.folds,
+                                      Path(args.out) / folder_name(name), meta={"variant": name, **concrete},
+                                      progress=not args.quiet)
+        changed = "; ".join(f"{k} = {v}" for k, v in concrete.items())
+        rows += [{"variant": name, "group": group, "changes": changed, **row} for row in variant_rows]
+        meta["seconds"] = round(time.perf_counter() - started, 1)
+        write_rows(rows, Path(args.table), meta)
+        print(f"{name}: " + ", ".join(f"{r['method']} M={r['M']} 3D Dice {r['dice_3d_mean']:.3f}"
+                                      for r in variant_rows), flush=True)
+
+
+if __name__ == "__main__":
+    main()
