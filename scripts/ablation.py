@@ -1,12 +1,14 @@
 """The ablations of the paper's Table 2, on the built-in data: KAF levels, T, the loss weights, the radius.
 
-    python scripts/ablation.py --data data/synthetic --preset tiny --labeled 2 --folds 0 \
+    python scripts/ablation.py --data data/synthetic --preset tiny --labeled 2 --folds 0 1 \
         --out runs/tiny_ablation --table book/results/tiny_ablation
 
 Every variant is the preset with a few settings changed (``kpssl experiment --set KEY=VALUE`` does the
-same for one variant): it is pretrained with ``kaf`` and fine-tuned on M labelled patients of each fold,
-exactly as in the main table. The reference rows are the preset itself with ``kaf``, the KAF-UNet from a
-random initialisation (``kaf_random``) and PCL (no KAF at all). Each variant has its own folder under
+same for one variant) and is fine-tuned on M labelled patients of each fold, exactly as in the main
+table. As in the paper, the architecture ablations (which KAF levels, how many attention blocks T) train
+the KAF-UNet from a random initialisation (``kaf_random``), and the objective ablations (loss weights,
+correspondence radius) pretrain it with ``kaf`` first. The reference rows are the preset itself with
+``unet_random`` (no KAF), ``pcl``, ``kaf_random`` and ``kaf``. Each variant has its own folder under
 ``--out``, so the script can be stopped and restarted; the table (CSV, and JSON with the command, the
 commit and each variant's settings) is rewritten atomically after every variant.
 """
@@ -30,10 +32,10 @@ LEVELS_OFF = {f"without level {level}": {"model.kaf_levels": [lv != level for lv
               for level in range(1, 5)}
 VARIANTS: dict[str, tuple[str, list[str], dict]] = {
     # name: (group, methods, changed settings)
-    "preset": ("reference", ["pcl", "kaf_random", "kaf"], {}),
-    **{name: ("KAF levels", ["kaf"], change) for name, change in LEVELS_OFF.items()},
-    "T = 1": ("attention blocks T", ["kaf"], {"model.attention_blocks": 1}),
-    "T = 4": ("attention blocks T", ["kaf"], {"model.attention_blocks": 4}),
+    "preset": ("reference", ["unet_random", "pcl", "kaf_random", "kaf"], {}),
+    **{name: ("KAF levels", ["kaf_random"], change) for name, change in LEVELS_OFF.items()},
+    "T = 1": ("attention blocks T", ["kaf_random"], {"model.attention_blocks": 1}),
+    "T = 4": ("attention blocks T", ["kaf_random"], {"model.attention_blocks": 4}),
     "weights (1, 0, 0)": ("loss weights", ["kaf"], {"pretrain.loss_weights": [1.0, 0.0, 0.0]}),
     "weights (0, 1, 0)": ("loss weights", ["kaf"], {"pretrain.loss_weights": [0.0, 1.0, 0.0]}),
     "weights (1, 1, 0)": ("loss weights", ["kaf"], {"pretrain.loss_weights": [1.0, 1.0, 0.0]}),
