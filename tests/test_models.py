@@ -579,3 +579,19 @@ def test_count_flops_counts_a_matrix_product_and_a_convolution():
     conv = torch.nn.Conv2d(3, 2, 3, padding=1, bias=False)
     image = torch.randn(1, 3, 8, 8)
     assert count_flops(lambda: conv(image)) == 2 * 8 * 8 * 2 * 3 * 9
+
+
+def test_attention_scores_give_the_weights_of_forward():
+    from kpssl.models.attention import AttentionBlock
+
+    torch.manual_seed(0)
+    block = AttentionBlock(16, 4).eval()
+    x = torch.randn(2, 7, 16)
+    valid = torch.ones(2, 7, dtype=torch.bool)
+    valid[1, 5:] = False
+    _, weights = block(x, valid, need_weights=True)
+    z = block.scores(x).masked_fill(~valid[:, None, None, :], float("-inf"))
+    torch.testing.assert_close(z.softmax(-1), weights)
+    source = torch.randn(2, 5, 16)
+    _, cross = block(x, valid, source, torch.ones(2, 5, dtype=torch.bool), need_weights=True)
+    torch.testing.assert_close(block.scores(x, source).softmax(-1), cross)

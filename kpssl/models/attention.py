@@ -258,6 +258,19 @@ class AttentionBlock(nn.Module):
         batch, length, _ = x.shape
         return x.view(batch, length, self.heads, self.dim // self.heads).transpose(1, 2)  # (B, h, K, e)
 
+    def scores(self, x: Tensor, source: Tensor | None = None) -> Tensor:
+        """The attention logits z = q k^T / sqrt(e) per head, before masking and softmax.
+
+        x (B, K, d), source (B, S, d) or ``None`` for self-attention -> (B, heads, K, S). With the
+        validity mask applied, ``softmax`` over the last axis gives the weights ``forward`` uses.
+        """
+        d = self.dim
+        source = x if source is None else source
+        q = F.linear(x, self.qkv.weight[:d], self.qkv.bias[:d])  # (B, K, d)
+        k = F.linear(source, self.qkv.weight[d:2 * d], self.qkv.bias[d:2 * d])  # (B, S, d)
+        q, k = self._split_heads(q), self._split_heads(k)  # (B, h, K, e), (B, h, S, e)
+        return q @ k.transpose(-1, -2) / math.sqrt(d // self.heads)
+
     def forward(self, x: Tensor, valid: Tensor | KeypointMask, source: Tensor | None = None,
                 source_valid: Tensor | KeypointMask | None = None,
                 need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
