@@ -119,6 +119,16 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(data, tmp_path, monke
         assert torch.equal(a[key], b[key]), key
     assert [r["total"] for r in log_rows(tmp_path / "full" / "log.csv")] == \
         [r["total"] for r in log_rows(tmp_path / "resumed" / "log.csv")]
+    seconds = [float(r["seconds"]) for r in log_rows(tmp_path / "resumed" / "log.csv")]
+    assert seconds == sorted(seconds)  # training time counts on across the restart
+
+    # resuming a finished run trains nothing and keeps its record
+    before = json.loads((tmp_path / "resumed" / "result.json").read_text())
+    again = pretrain(settings, data, "kaf", tmp_path / "resumed", resume=True, progress=False)
+    after = json.loads((tmp_path / "resumed" / "result.json").read_text())
+    assert again.steps == full.steps
+    assert after["last_terms"] == pytest.approx(before["last_terms"], rel=1e-6) and after["last_terms"]
+    assert after["seconds"] >= before["seconds"]
 
 
 def test_non_finite_loss_stops_the_run_naming_step_and_term(data, tmp_path, monkeypatch):

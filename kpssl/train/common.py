@@ -176,10 +176,10 @@ class StepLog:
         self.path = Path(path)
         self.columns = columns
 
-    def truncate_after(self, step: int) -> None:
-        """Drop rows past ``step`` (a resumed run rewrites them)."""
+    def truncate_after(self, step: int) -> dict[str, str] | None:
+        """Drop rows past ``step`` (a resumed run rewrites them); return the last row kept, if any."""
         if not self.path.is_file():
-            return
+            return None
         with self.path.open(newline="") as handle:
             rows = [r for r in csv.DictReader(handle) if int(r["step"]) <= step]
         tmp = self.path.with_name(self.path.name + ".tmp")
@@ -188,6 +188,7 @@ class StepLog:
             writer.writeheader()
             writer.writerows(rows)
         tmp.replace(self.path)
+        return rows[-1] if rows else None
 
     def write(self, row: dict[str, Any]) -> None:
         new = not self.path.is_file()

@@ -100,7 +100,8 @@ def pretrain(
     scaler = rt.grad_scaler()
     log = StepLog(out / "log.csv", LOG_COLUMNS)
     checkpoint_path = out / "checkpoint.pt"
-    step = 0
+    step, seconds_before = 0, 0.0
+    terms: dict[str, float] = {}
     if resume and checkpoint_path.is_file():
         state = load_checkpoint(checkpoint_path, rt.device)
         if state.get("method") != method:
@@ -109,9 +110,10 @@ def pretrain(
         optimiser.load_state_dict(state["optimiser"])
         scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
-        step = int(state["step"])
-        if rt.main:
-            log.truncate_after(step)
+        step, seconds_before = int(state["step"]), float(state.get("seconds", 0.0))
+        last = log.truncate_after(step) if rt.main else None
+        if last is not None:  # a finished run resumed again still reports its last terms
+            terms = {k: float(v) for k, v in last.items() if k not in ("epoch", "step", "lr", "seconds") and v}
     elif rt.main:
         if checkpoint_path.is_file() and not resume:
             raise ValueError(f"{out}: holds a previous run; pass resume=True (--resume) or choose another folder")
@@ -120,19 +122,23 @@ def pretrain(
     if rt.main:
         save_settings(settings, out / "settings.yaml")
 
-    def checkpoint() -> None:
+    def checkpoint(seconds: float | None = None) -> None:
         if rt.main:
             save_checkpoint(checkpoint_path, {
                 "method": method, "step": step, "model": network.state_dict(),
                 "optimiser": optimiser.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
-                "settings": settings.to_dict(),
+                "settings": settings.to_dict(), "seconds": elapsed() if seconds is None else seconds,
             })
 
     last_step = total_steps if max_steps is None else min(total_steps, max_steps)
     bar = tqdm(total=last_step, initial=step, desc=f"pretrain {method}", disable=not (progress and rt.main),
                dynamic_ncols=True)
     started = time.perf_counter()
-    terms: dict[str, float] = {}
+
+    def elapsed() -> float:
+        """Training time of the run so far, over every start of it."""
+        return seconds_before + time.perf_counter() - started
+
     model.train()
     while step < last_step:
         epoch, start = divmod(step, order.steps_per_epoch)
@@ -158,7 +164,7 @@ def pretrain(
             step += 1
             terms = {k: float(reduce_mean(v, rt)) for k, v in logged.items()}
             if rt.main:
-                log.write({"epoch": epoch, "step": step, "lr": lr, "seconds": round(time.perf_counter() - started, 3),
+                log.write({"epoch": epoch, "step": step, "lr": lr, "seconds": round(elapsed(), 3),
                            **terms})
             bar.update(1)
             bar.set_postfix({k: f"{v:.3f}" for k, v in terms.items()})
@@ -169,8 +175,8 @@ def pretrain(
         if step % order.steps_per_epoch == 0 and (step // order.steps_per_epoch) % p.checkpoint_every == 0:
             checkpoint()
     bar.close()
-    checkpoint()
-    seconds = time.perf_counter() - started
+    seconds = elapsed()
+    checkpoint(seconds)
     if rt.main:
         save_checkpoint(out / "encoder.pt", {"method": method, "model": network.encoder_state(),
                                              "settings": settings.to_dict()})
