@@ -265,6 +265,8 @@ def test_experiment_resumes_without_redoing_finished_runs(data, tmp_path, monkey
     assert collect_table(tmp_path / "table") == rows
     meta = json.loads((tmp_path / "table" / "table.json").read_text())
     assert meta["rows"] == rows
+    results = (tmp_path / "table" / "finetune").glob("*/M*/fold*/result.json")
+    assert meta["seconds_in_runs"] == pytest.approx(sum(json.loads(f.read_text())["seconds"] for f in results), abs=0.1)
     with pytest.raises(ValueError, match="M = 9"):
         run_experiment(settings, data, ["unet_random"], [9], [0], tmp_path / "other", progress=False)
 

@@ -73,9 +73,19 @@ def collect_table(out: Path) -> list[dict]:
     return rows
 
 
+def run_seconds(out: Path) -> float:
+    """Total training time recorded by every finished pretraining and fine-tuning run under ``out``: the
+    table's cost, whatever the number of restarts or processes that computed it."""
+    files = [*(out / "pretrain").glob("**/result.json"), *(out / "finetune").glob("*/M*/fold*/result.json")]
+    return round(sum(float(json.loads(f.read_text()).get("seconds", 0.0)) for f in files), 1)
+
+
 def write_table(rows: list[dict], out: Path, meta: dict) -> None:
-    """``table.csv`` and ``table.json`` (with ``meta``: command, preset, commit, run time), atomically."""
+    """``table.csv`` and ``table.json`` (with ``meta``: command, preset, commit, run time), atomically.
+
+    The JSON's ``seconds_in_runs`` is :func:`run_seconds`, the sum over all finished runs."""
     out.mkdir(parents=True, exist_ok=True)
+    meta = {**meta, "seconds_in_runs": run_seconds(out)}
     tmp = out / f"table.csv.tmp{os.getpid()}"
     with tmp.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, TABLE_COLUMNS)
