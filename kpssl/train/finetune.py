@@ -202,6 +202,7 @@ def finetune(
     epochs = ft.epochs if max_epochs is None else min(ft.epochs, max_epochs)
     total_steps = ft.epochs * order.steps_per_epoch
     epoch, step, best_score, best_epoch, initial_score = 0, 0, -1.0, -1, float("nan")
+    seconds_before = 0.0  # training time of earlier starts of this run
     if resume and checkpoint_path.is_file():
         state = load_checkpoint(checkpoint_path, rt.device)
         network.load_state_dict(state["model"])
@@ -210,6 +211,7 @@ def finetune(
         set_rng_state(state["rng"])
         epoch, step, best_score, best_epoch = state["epoch"], state["step"], state["best_score"], state["best_epoch"]
         initial_score = state["initial_score"]
+        seconds_before = float(state.get("seconds", 0.0))
         if rt.main:
             log.truncate_after(step)
     elif rt.main:
@@ -224,6 +226,10 @@ def finetune(
         return evaluate_volumes(net, selection_volumes, settings, cache, rt.device, class_names, hd95=False)["dice_3d"]
 
     started = time.perf_counter()
+
+    def elapsed() -> float:
+        return seconds_before + time.perf_counter() - started
+
     if epoch == 0:  # the initialisation's score, so a run shows what fine-tuning gained
         initial_score = select(network)
         if rt.main:
@@ -263,19 +269,19 @@ def finetune(
                 save_checkpoint(out / "best.pt", {"method": method, "model": network.state_dict(), "epoch": epoch,
                                                   "settings": settings.to_dict()})
             log.write({"epoch": epoch, "step": step, "lr": lr, "loss": float(np.mean(losses)),
-                       "selection_dice": score, "seconds": round(time.perf_counter() - started, 3)})
+                       "selection_dice": score, "seconds": round(elapsed(), 3)})
             save_checkpoint(checkpoint_path, {
                 "method": method, "epoch": epoch, "step": step, "model": network.state_dict(),
                 "optimiser": optimiser.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
                 "best_score": best_score, "best_epoch": best_epoch, "initial_score": initial_score,
-                "settings": settings.to_dict()})
+                "settings": settings.to_dict(), "seconds": elapsed()})
         bar.update(1)
         bar.set_postfix(loss=f"{np.mean(losses):.3f}", dice=f"{score:.3f}", best=f"{best_score:.3f}")
     bar.close()
 
     network.load_state_dict(load_checkpoint(out / "best.pt", rt.device)["model"])
     test = evaluate_volumes(network, volumes_of(split.test), settings, cache, rt.device, class_names)
-    seconds = time.perf_counter() - started
+    seconds = elapsed()
     result = {
         "method": method, "fold": fold, "labeled": labelled, "seed": settings.seed, "preset": settings.name,
         "selection": ft.selection, "best_epoch": best_epoch, "selection_dice_3d": best_score,
