@@ -10,7 +10,9 @@ the KAF-UNet from a random initialisation (``kaf_random``), and the objective ab
 correspondence radius) pretrain it with ``kaf`` first. The reference rows are the preset itself with
 ``unet_random`` (no KAF), ``pcl``, ``kaf_random`` and ``kaf``. Each variant has its own folder under
 ``--out``, so the script can be stopped and restarted; the table (CSV, and JSON with the command, the
-commit and each variant's settings) is rewritten atomically after every variant.
+commit, each variant's settings and ``seconds_in_runs``, the training time of all its runs summed) is
+rewritten atomically after every variant. Each row also lists the test 3D Dice of every fold, so that a
+variant can be compared with its reference fold by fold.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import time
 from pathlib import Path
 
 from kpssl.settings import load_settings, preset
-from kpssl.train.experiment import TABLE_COLUMNS, run_experiment
+from kpssl.train.experiment import TABLE_COLUMNS, run_experiment, run_seconds
 
 LEVELS_OFF = {f"without level {level}": {"model.kaf_levels": [lv != level for lv in range(1, 5)]}
               for level in range(1, 5)}
@@ -45,11 +47,19 @@ VARIANTS: dict[str, tuple[str, list[str], dict]] = {
                                                       "keypoints.radius_reverse": 2.0}),
 }
 RADIUS_KEYS = ("keypoints.radius_forward", "keypoints.radius_reverse")
-COLUMNS = ["variant", "group", "changes", *TABLE_COLUMNS]
+COLUMNS = ["variant", "group", "changes", *TABLE_COLUMNS, "fold_ids", "dice_3d_per_fold"]
 
 
 def folder_name(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name).strip("_")
+
+
+def per_fold_dice(folder: Path, method: str, m: int) -> dict[int, float]:
+    """Test 3D Dice of every finished fold of one (method, M) of a variant, by fold."""
+    found = {}
+    for path in (folder / "finetune" / method / f"M{m}").glob("fold*/result.json"):
+        found[int(path.parent.name[4:])] = float(json.loads(path.read_text())["test"]["dice_3d"])
+    return dict(sorted(found.items()))
 
 
 def variant_settings(base, changes: dict):
@@ -98,6 +108,7 @@ def main() -> None:
             "commit": commit, "variants": {}}
     started = time.perf_counter()
     rows: list[dict] = []
+    seconds_in_runs = 0.0
     for name in args.variants:
         group, methods, changes = VARIANTS[name]
         settings, concrete = variant_settings(base, changes)
@@ -106,8 +117,15 @@ def main() -> None:
                                       Path(args.out) / folder_name(name), meta={"variant": name, **concrete},
                                       progress=not args.quiet)
         changed = "; ".join(f"{k} = {v}" for k, v in concrete.items())
-        rows += [{"variant": name, "group": group, "changes": changed, **row} for row in variant_rows]
-        meta["seconds"] = round(time.perf_counter() - started, 1)
+        folder = Path(args.out) / folder_name(name)
+        for row in variant_rows:
+            per_fold = per_fold_dice(folder, row["method"], row["M"])
+            rows.append({"variant": name, "group": group, "changes": changed, **row,
+                         "fold_ids": " ".join(str(k) for k in per_fold),
+                         "dice_3d_per_fold": " ".join(f"{v:.4f}" for v in per_fold.values())})
+        seconds_in_runs += run_seconds(folder)
+        meta["seconds_in_runs"] = round(seconds_in_runs, 1)
+        meta["seconds_this_start"] = round(time.perf_counter() - started, 1)
         write_rows(rows, Path(args.table), meta)
         print(f"{name}: " + ", ".join(f"{r['method']} M={r['M']} 3D Dice {r['dice_3d_mean']:.3f}"
                                       for r in variant_rows), flush=True)
