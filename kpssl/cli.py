@@ -104,17 +104,12 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _experiment(args: argparse.Namespace) -> int:
     import shlex
-    import subprocess
 
-    from .train.experiment import run_experiment
+    from .train.experiment import code_commit, run_experiment
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
     settings = _settings(args)
     meta = {"command": "kpssl " + " ".join(shlex.quote(a) for a in sys.argv[1:]), "preset": settings.name,
-            "commit": commit}
+            "commit": code_commit()}
     rows = run_experiment(settings, Path(args.data), args.methods, args.labeled, args.folds, Path(args.out),
                           pretrain_scope=args.pretrain_scope, meta=meta, progress=not args.quiet)
     for row in rows:

@@ -18,17 +18,14 @@ variant can be compared with its reference fold by fold.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import os
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from kpssl.settings import load_settings, preset
-from kpssl.train.experiment import TABLE_COLUMNS, run_experiment, run_seconds
+from kpssl.train.experiment import TABLE_COLUMNS, code_commit, run_experiment, run_seconds, write_rows
 
 LEVELS_OFF = {f"without level {level}": {"model.kaf_levels": [lv != level for lv in range(1, 5)]}
               for level in range(1, 5)}
@@ -73,19 +70,6 @@ def variant_settings(base, changes: dict):
     return base.replace(**concrete), concrete
 
 
-def write_rows(rows: list[dict], table: Path, meta: dict) -> None:
-    table.parent.mkdir(parents=True, exist_ok=True)
-    tmp = table.with_name(f"{table.name}.csv.tmp{os.getpid()}")
-    with tmp.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(table.with_suffix(".csv"))
-    tmp = table.with_name(f"{table.name}.json.tmp{os.getpid()}")
-    tmp.write_text(json.dumps({**meta, "rows": rows}, indent=2))
-    tmp.replace(table.with_suffix(".json"))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True)
@@ -100,12 +84,8 @@ def main() -> None:
     args = parser.parse_args()
 
     base = load_settings(args.settings) if args.settings else preset(args.preset)
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
     meta = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "preset": base.name,
-            "commit": commit, "variants": {}}
+            "commit": code_commit(), "variants": {}}
     started = time.perf_counter()
     rows: list[dict] = []
     seconds_in_runs = 0.0
@@ -113,11 +93,10 @@ def main() -> None:
         group, methods, changes = VARIANTS[name]
         settings, concrete = variant_settings(base, changes)
         meta["variants"][name] = {"group": group, "methods": methods, "changes": concrete}
-        variant_rows = run_experiment(settings, args.data, methods, args.labeled, args.folds,
-                                      Path(args.out) / folder_name(name), meta={"variant": name, **concrete},
-                                      progress=not args.quiet)
-        changed = "; ".join(f"{k} = {v}" for k, v in concrete.items())
         folder = Path(args.out) / folder_name(name)
+        variant_rows = run_experiment(settings, args.data, methods, args.labeled, args.folds, folder,
+                                      meta={"variant": name, **concrete}, progress=not args.quiet)
+        changed = "; ".join(f"{k} = {v}" for k, v in concrete.items())
         for row in variant_rows:
             per_fold = per_fold_dice(folder, row["method"], row["M"])
             rows.append({"variant": name, "group": group, "changes": changed, **row,
@@ -126,7 +105,7 @@ def main() -> None:
         seconds_in_runs += run_seconds(folder)
         meta["seconds_in_runs"] = round(seconds_in_runs, 1)
         meta["seconds_this_start"] = round(time.perf_counter() - started, 1)
-        write_rows(rows, Path(args.table), meta)
+        write_rows(rows, COLUMNS, Path(args.table), meta)
         print(f"{name}: " + ", ".join(f"{r['method']} M={r['M']} 3D Dice {r['dice_3d_mean']:.3f}"
                                       for r in variant_rows), flush=True)
 

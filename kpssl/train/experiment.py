@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import subprocess
 import time
 from pathlib import Path
 from typing import Sequence
@@ -31,7 +32,8 @@ from ..settings import Settings
 from .finetune import FINETUNE_METHODS, PRETRAINED, finetune
 from .pretrain import pretrain
 
-__all__ = ["TABLE_COLUMNS", "run_experiment", "collect_table", "write_table"]
+__all__ = ["TABLE_COLUMNS", "run_experiment", "collect_table", "write_table", "write_rows", "run_seconds",
+           "code_commit"]
 
 TABLE_COLUMNS = ["method", "M", "dice_3d_mean", "dice_3d_std", "dice_2d_mean", "dice_2d_std", "hd95_mean",
                  "hd95_std", "folds"]
@@ -84,17 +86,30 @@ def write_table(rows: list[dict], out: Path, meta: dict) -> None:
     """``table.csv`` and ``table.json`` (with ``meta``: command, preset, commit, run time), atomically.
 
     The JSON's ``seconds_in_runs`` is :func:`run_seconds`, the sum over all finished runs."""
-    out.mkdir(parents=True, exist_ok=True)
-    meta = {**meta, "seconds_in_runs": run_seconds(out)}
-    tmp = out / f"table.csv.tmp{os.getpid()}"
+    write_rows(rows, TABLE_COLUMNS, out / "table", {**meta, "seconds_in_runs": run_seconds(out)})
+
+
+def write_rows(rows: list[dict], columns: list[str], stem: Path, meta: dict) -> None:
+    """``rows`` as ``stem.csv`` (``columns``) and ``stem.json`` (``meta`` with the rows), each written to a
+    temporary file of this process and renamed, so readers and other processes never see a partial file."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    tmp = stem.with_name(f"{stem.name}.csv.tmp{os.getpid()}")
     with tmp.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, TABLE_COLUMNS)
+        writer = csv.DictWriter(handle, columns)
         writer.writeheader()
         writer.writerows(rows)
-    tmp.replace(out / "table.csv")
-    tmp = out / f"table.json.tmp{os.getpid()}"
+    tmp.replace(stem.with_name(f"{stem.name}.csv"))
+    tmp = stem.with_name(f"{stem.name}.json.tmp{os.getpid()}")
     tmp.write_text(json.dumps({**meta, "rows": rows}, indent=2))
-    tmp.replace(out / "table.json")
+    tmp.replace(stem.with_name(f"{stem.name}.json"))
+
+
+def code_commit() -> str:
+    """The git commit of the working directory's checkout, or ``"unknown"`` outside one."""
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def run_experiment(
