@@ -8,7 +8,7 @@ Presets
 -------
 ``tiny``        CPU, minutes: small patch and widths, the built-in synthetic data.
 ``colab``       one GPU, about an hour: ACDC-like resolution, moderate widths.
-``paper_acdc``  the paper's ACDC settings (SPEC sections 2-6): f = 48, 352 x 352, T = 16, d = 256.
+``paper_acdc``  the paper's ACDC settings (Yang et al., 2023, method and experiments): f = 48, 352 x 352, T = 16, d = 256.
 ``paper_chd``   the paper's CHD settings: f = 32, 512 x 512, 8 classes, 1-99 percentile clipping.
 """
 
@@ -40,7 +40,7 @@ __all__ = [
 
 @dataclass
 class DataSettings:
-    """How volumes become network inputs (SPEC section 6)."""
+    """How volumes become network inputs (the paper's experimental protocol)."""
 
     layout: str = "acdc"  # "acdc" or "decathlon"
     spacing_mm: tuple[float, float] | None = (1.25, 1.25)  # in-plane target; None keeps the native grid
@@ -54,7 +54,7 @@ class DataSettings:
 
 @dataclass
 class KeypointSettings:
-    """SIFT detection and the correspondence criterion (SPEC section 4)."""
+    """SIFT detection and the correspondence criterion (the paper's keypoints and correspondences)."""
 
     max_keypoints: int = 200  # K strongest by SIFT response; fewer are padded and masked
     radius_forward: float = 20.0  # Manhattan pixels, forward nearest-neighbour check
@@ -63,7 +63,7 @@ class KeypointSettings:
 
 @dataclass
 class AugmentSettings:
-    """Joint geometric augmentation of image, mask and keypoints (SPEC section 6)."""
+    """Joint geometric augmentation of image, mask and keypoints (the paper's experimental protocol)."""
 
     flip: bool = True  # mirror on both axes, each with p = 0.5
     p_deform: float = 0.67  # probability of elastic + rotation + scale
@@ -75,7 +75,7 @@ class AugmentSettings:
 
 @dataclass
 class ModelSettings:
-    """UNet and KAF layer sizes (SPEC sections 2, 3, 5)."""
+    """UNet and KAF layer sizes (the paper's backbone, KAF layer and heads)."""
 
     in_channels: int = 1
     classes: int = 4
@@ -94,7 +94,7 @@ class ModelSettings:
 
 @dataclass
 class PretrainSettings:
-    """Self-supervised pretraining (SPEC sections 5, 6)."""
+    """Self-supervised pretraining (the paper's Eqs. 1-3 and protocol)."""
 
     epochs: int = 51
     batch_size: int = 32
@@ -117,7 +117,7 @@ class PretrainSettings:
 
 @dataclass
 class FinetuneSettings:
-    """Fine-tuning on M labelled patients (SPEC section 6)."""
+    """Fine-tuning on M labelled patients (the paper's experimental protocol)."""
 
     epochs: int = 201
     batch_size: int = 10
@@ -132,7 +132,7 @@ class FinetuneSettings:
 
 @dataclass
 class SplitSettings:
-    """Patient-level folds and label budgets (SPEC section 6)."""
+    """Patient-level folds and label budgets (the paper's experimental protocol)."""
 
     folds: int = 5
     fold_seed: int = 12345

@@ -499,7 +499,7 @@ def test_matching_loss_hand_computed_value():
 
 
 def test_matching_loss_touches_exactly_the_prescribed_cells():
-    """Unmatched keypoints read only their dustbin cell: nothing at index -1 (SPEC section 8)."""
+    """Unmatched keypoints read only their dustbin cell: nothing at index -1 (see the book's page of deviations)."""
     m, n = 4, 3
     log_p = torch.full((1, m + 1, n + 1), -1.0, dtype=DOUBLE, requires_grad=True)
     match12 = torch.tensor([[2, -1, 0, 1]])  # keypoint 3's partner (1) is padded

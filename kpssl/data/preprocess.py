@@ -1,4 +1,4 @@
-"""Preprocessing as in the paper (SPEC section 6): in-plane resampling, clipping, z-score, pad/crop.
+"""Preprocessing as in the paper (the paper's experimental protocol): in-plane resampling, clipping, z-score, pad/crop.
 
 ACDC: resample every slice to 1.25 x 1.25 mm, then z-score each volume. CHD: clip to the 1st-99th
 percentile, then z-score. Both: centre pad or crop to the patch size for evaluation (training crops

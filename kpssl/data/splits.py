@@ -1,4 +1,4 @@
-"""Patient-level folds, validation splits and label budgets (SPEC section 6).
+"""Patient-level folds, validation splits and label budgets (the paper's experimental protocol).
 
 All splits are over *patients*, never slices or frames, so no patient's anatomy is seen in training and
 testing at once. The authors select the best epoch on the test fold; here a validation split is carved

@@ -4,7 +4,7 @@ Two views of the same predictions:
 
 - **3D, per volume** (the clinical view): Dice of each foreground class in each volume, and the 95th
   percentile Hausdorff distance in millimetres using the voxel spacing; then averaged over volumes.
-- **Pooled 2D** (the paper's view, SPEC section 6): over all slices of the held-out fold together,
+- **Pooled 2D** (the paper's view): over all slices of the held-out fold together,
   ``Dice_c = 2 sum |A_c & B_c| / (sum |A_c| + sum |B_c|)``, then the mean over foreground classes.
 
 Conventions for empty structures (a class absent from the reference, or from the prediction): Dice is

@@ -1,4 +1,4 @@
-"""Keypoints (SPEC section 4): SIFT with a cache, exact tracking through augmentation, correspondences.
+"""Keypoints (the paper's keypoints and correspondences): SIFT with a cache, exact tracking through augmentation, correspondences.
 
 Modules, in pipeline order:
 

@@ -1,4 +1,4 @@
-"""Joint geometric augmentation of a slice, its label mask and its keypoints (SPEC section 6).
+"""Joint geometric augmentation of a slice, its label mask and its keypoints (the paper's experimental protocol).
 
 One view is one map from output (patch) pixels ``x = (row, col)`` to source positions::
 
@@ -152,7 +152,7 @@ def sample_transform(
     rng: np.random.Generator, source_shape: tuple[int, int], size: int, settings: AugmentSettings
 ) -> ViewTransform:
     """Draw one view: random crop (or random placement when the slice is smaller), mirrors, and with
-    probability ``p_deform`` elastic + rotation + scale (SPEC section 6)."""
+    probability ``p_deform`` elastic + rotation + scale (the paper's experimental protocol)."""
     _check_patch(size, source_shape)
     if not 0 <= settings.p_deform <= 1:
         raise ValueError(f"p_deform must be in [0, 1], got {settings.p_deform}")

@@ -1,6 +1,6 @@
 """Keypoints and correspondences computed once per volume and kept beside the data.
 
-SPEC section 8 lists "SIFT recomputed for every sample at every step" among the authors' costs. Here SIFT
+The book's page of deviations lists "SIFT recomputed for every sample at every step" among the authors' costs. Here SIFT
 runs once per slice of a data set and its result is stored in ``<data root>/.kpssl_cache/``::
 
     keypoints/<key>.npz            every slice of one volume: counts (Z,), points, descriptors, responses

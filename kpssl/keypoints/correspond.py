@@ -1,6 +1,6 @@
 """Correspondences between the keypoints of two neighbouring slices, and how neighbours are drawn.
 
-Criterion (SPEC section 4, as in the authors' ``find_match``), on the two slices' ORIGINAL keypoints:
+Criterion (the paper's, as in the authors' ``find_match``), on the two slices' ORIGINAL keypoints:
 
 1. ``M[a, b]`` Manhattan pixel distance and ``D[a, b]`` SIFT-descriptor L2 distance for all pairs;
 2. weighting: ``W = D`` where ``M < radius_reverse``, else ``max(D)`` (the largest descriptor distance of
@@ -142,7 +142,7 @@ def restrict_matches(match12: np.ndarray, valid1: np.ndarray, valid2: np.ndarray
 
 
 def neighbour_slice(index: int, slices: int, rule: str, fraction: float, rng: np.random.Generator) -> int:
-    """The partner slice of ``index`` for a pretraining pair (SPEC section 4).
+    """The partner slice of ``index`` for a pretraining pair (the paper's keypoints and correspondences).
 
     ``"adjacent"`` (ACDC): ``index +- 1`` with equal chance; at a volume end, the only neighbour.
     ``"fraction"`` (CHD): offset ``int(fraction * U(-1, 1) * slices)``, redrawn while it is 0 or clipping

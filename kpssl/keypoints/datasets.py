@@ -177,7 +177,7 @@ class PairDataset(_KeypointSlices):
 
     Item ``i`` (slice ``i`` of :func:`kpssl.data.slice_index`): ``view1, view2 (1, P, P)``,
     ``keypoints1/2 (K, 2)``, ``valid1/2 (K,)``, ``match12, match21 (K,)`` (from the ORIGINAL keypoints,
-    SPEC section 4; restricted to pairs valid in both views), ``position`` and ``partition`` of slice
+    the paper's criterion; restricted to pairs valid in both views), ``position`` and ``partition`` of slice
     ``i``, ``volume``, and (beyond CONTRIBUTING's list) ``slice`` and ``neighbour`` indices.
     Neighbours follow ``DataSettings.neighbour_rule`` (:func:`~kpssl.keypoints.correspond.neighbour_slice`).
 

@@ -1,8 +1,8 @@
-"""SIFT keypoints of one slice (SPEC section 4): OpenCV SIFT, default parameters, the K strongest.
+"""SIFT keypoints of one slice (the paper's keypoints and correspondences): OpenCV SIFT, default parameters, the K strongest.
 
 The slice (preprocessed, before any crop or augmentation) is min-max scaled to ``uint8`` and given to
 ``cv2.SIFT_create()`` with default parameters. We keep the ``K`` strongest keypoints by SIFT response
-(the authors keep all of them and truncate each batch to its smallest count; SPEC section 8).
+(the authors keep all of them and truncate each batch to its smallest count; see the book's page of deviations).
 
 Two details matter for exact tracking later:
 

@@ -18,7 +18,7 @@ paper; off by default).
 Padding. Batches hold ``K`` keypoints per slice with validity masks. A padded keypoint carries no mass
 in the transport problem, and its row or column of ``log P`` is ``-inf`` (``P = 0``): padding never
 changes the valid entries of ``log P``. Unlike the authors' code, nothing is ever written at index
-``-1`` for an unmatched keypoint (SPEC section 8): index ``-1`` is only read after clamping to 0 and
+``-1`` for an unmatched keypoint (see the book's page of deviations): index ``-1`` is only read after clamping to 0 and
 masking the result.
 """
 
@@ -86,7 +86,7 @@ def log_sinkhorn(
     with ``P = 1`` (and symmetrically). Padded keypoints never change the valid cells.
 
     Args:
-        scores: ``(B, M, N)`` pair scores (SPEC: ``<d_a, d_b> / sqrt(d)``); any float dtype.
+        scores: ``(B, M, N)`` pair scores (the paper: ``<d_a, d_b> / sqrt(d)``); any float dtype.
         dustbin: scalar tensor (a learnable parameter) or float, the score of every dustbin cell.
         iterations: number of Sinkhorn iterations, ``>= 1`` (paper: 100).
         valid1: ``(B, M)`` bool, ``None`` for all valid; valid2: ``(B, N)`` bool likewise.

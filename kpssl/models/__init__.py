@@ -3,12 +3,12 @@
 =========================  ===================================================================
 module                     holds
 =========================  ===================================================================
-``unet``                   :class:`UNet` and its blocks (SPEC section 2)
+``unet``                   :class:`UNet` and its blocks (the UNet of PCL, Zeng et al., 2021)
 ``attention``              masked BatchNorm, keypoint position encoder, masked attention blocks
-``kaf``                    the KAF layer: sample, position, attend, fuse (SPEC section 3)
+``kaf``                    the KAF layer: sample, position, attend, fuse (Yang et al., 2023)
 ``sparse``                 the fusion D_l computed from the keypoints alone (maps constant but near keypoints)
-``kaf_unet``               :class:`KAFUNet`, a UNet with KAF layers (SPEC section 3)
-``heads``                  projection and matching heads (SPEC section 5)
+``kaf_unet``               :class:`KAFUNet`, a UNet with KAF layers (Yang et al., 2023)
+``heads``                  projection and matching heads (the paper's Eqs. 1-3)
 ``summary``                parameter counts per part
 =========================  ===================================================================
 """

@@ -1,6 +1,6 @@
 """Attention among keypoints with padding: masked BatchNorm, position encoder, attention blocks.
 
-Shared by the KAF layer (SPEC section 3, steps 2 and 3) and the matching head (SPEC section 5). Keypoint
+Shared by the KAF layer (the KAF layer's position and attention steps) and the matching head (the paper's Eqs. 1-3). Keypoint
 features are kept channels-last, (B, K, C), beside a validity mask ``valid`` (B, K) bool. Padded
 (invalid) keypoints never change a valid keypoint's output:
 
@@ -231,7 +231,7 @@ def masked_attention(query: Tensor, key: Tensor, value: Tensor, key_valid: Tenso
 
 
 class AttentionBlock(nn.Module):
-    """One attentional propagation step: x <- x + MLP([x || MHA(x, s, s)]) (SPEC section 3, step 3).
+    """One attentional propagation step: x <- x + MLP([x || MHA(x, s, s)]) (the KAF layer's attention step).
 
     Self-attention when ``source`` is omitted (s = x), cross-attention otherwise. Projections q, k, v are
     one ``Linear(d, 3d)`` (split for cross-attention), the merge is ``Linear(d, d)``, the MLP is

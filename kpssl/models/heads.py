@@ -1,4 +1,4 @@
-"""Projection and matching heads of the self-supervised objectives (SPEC section 5, Eqs. 1-2).
+"""Projection and matching heads of the self-supervised objectives (the paper's Eqs. 1-2).
 
 * :class:`BottleneckProjection`: the global vector g of L_PCL from the bottleneck (Eq. 1).
 * :class:`KeypointGlobalHead`: the global vector g of L_global from the keypoint features (Eq. 1); its
@@ -99,7 +99,7 @@ class KeypointGlobalHead(nn.Module):
 
 
 class MatchingHead(nn.Module):
-    """Descriptors for the optimal-transport matching loss (SPEC section 5, Eq. 2).
+    """Descriptors for the optimal-transport matching loss (the paper's Eq. 2).
 
     Adds a position encoding (its own MLP) to both slices' descriptors, runs ``blocks`` attention blocks
     alternating self (even) and cross (odd) between the slices, each slice updated from the other's

@@ -1,4 +1,4 @@
-"""The KAF layer: keypoint-augmented fusion of one encoder level (SPEC section 3; Yang et al. 2023).
+"""The KAF layer: keypoint-augmented fusion of one encoder level (Yang et al., 2023).
 
 For encoder level l (stride s = 2**(l-1)) with dense features F_l (B, C_l, H_l, W_l) and keypoints p
 (B, K, 2) as float (row, col) at full resolution, the layer
@@ -156,7 +156,7 @@ class KAFOutput(NamedTuple):
 
 
 class KAFLayer(nn.Module):
-    """Keypoint-augmented fusion for one encoder level (SPEC section 3).
+    """Keypoint-augmented fusion for one encoder level (Yang et al., 2023).
 
     Args:
         channels: C_l, channels of the level's features.

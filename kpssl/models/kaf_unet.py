@@ -1,4 +1,4 @@
-"""The KAF-UNet: a UNet with a KAF layer after each encoder block (SPEC section 3).
+"""The KAF-UNet: a UNet with a KAF layer after each encoder block (Yang et al., 2023).
 
 Layout (``kaf_decoder="doubled"``, the authors' code; it reproduces the paper's parameter counts), with
 C_l = f 2**(l-1) and out_l the channels leaving level l (2 C_l at a KAF level, C_l otherwise):

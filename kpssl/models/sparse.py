@@ -1,4 +1,4 @@
-"""Sparse fusion: the KAF layer's D_l computed from the keypoints alone (SPEC section 3, step 4 and note).
+"""Sparse fusion: the KAF layer's D_l computed from the keypoints alone (the KAF layer's fusion step).
 
 D_l = Conv3x3 -> BatchNorm -> ReLU -> Conv3x3 runs over a map that is zero except at the K keypoint
 pixels. Every intermediate map is then *constant except at a few pixels*: a :class:`SparseMap` holds the
@@ -17,7 +17,7 @@ steps of D_l map such maps to such maps, at a cost that does not depend on the i
    convolution of the constant background (border pixels see the zero padding) plus the listed
    deviations scattered through the 9 taps.
 
-:func:`sparse_conv3x3` is step 1 made dense: the SPEC's "scatter each keypoint's d-vector times the 9
+:func:`sparse_conv3x3` is step 1 made dense: "scatter each keypoint's d-vector times the 9
 kernel taps". Tests check all of it against the dense convolutions, forward and backward.
 """
 

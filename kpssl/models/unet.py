@@ -1,4 +1,4 @@
-"""The 2D UNet backbone of PCL and KAF (SPEC section 2).
+"""The 2D UNet backbone of PCL and KAF (the UNet of PCL, Zeng et al., 2021).
 
 Encoder: four blocks of 2 x (Conv3x3 -> BatchNorm -> LeakyReLU) at widths f, 2f, 4f, 8f with a 2 x 2
 max-pool between them; a bottleneck of 2 x (Conv3x3 -> ReLU) at 16f (no BatchNorm, as in the authors'
@@ -105,7 +105,7 @@ class UNetDecoder(nn.Module):
 
 
 class UNet(nn.Module):
-    """The plain 2D UNet (SPEC section 2).
+    """The plain 2D UNet (the UNet of PCL, Zeng et al., 2021).
 
     Args:
         in_channels: image channels (1 for MRI/CT slices).

@@ -1,4 +1,4 @@
-"""Fine-tuning on M labelled patients, model selection, and evaluation on the held-out fold (SPEC section 6).
+"""Fine-tuning on M labelled patients, model selection, and evaluation on the held-out fold (the paper's experimental protocol).
 
 Adam with weight decay, cosine learning rate from ``lr`` to ``lr_min``, cross-entropy (Dice + CE as an
 option). The pretrained encoder, KAF layers included, is loaded; the decoder starts fresh. After each

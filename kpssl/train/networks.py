@@ -1,4 +1,4 @@
-"""The networks each pretraining method trains, and the loss terms they produce (SPEC section 5).
+"""The networks each pretraining method trains, and the loss terms they produce (the paper's Eqs. 1-3).
 
 ``kaf``     KAF-UNet encoder; L = w1 L_PCL (bottleneck) + w2 L_global (keypoints) + w3 L_local (Eq. 3).
 ``pcl``     UNet encoder; Eq. 1 on the bottleneck vector with the PCL rule (Zeng et al., 2021).

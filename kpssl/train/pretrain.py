@@ -1,4 +1,4 @@
-"""Self-supervised pretraining (SPEC sections 5 and 6): one loop for ``kaf``, ``pcl``, ``gcl``, ``simclr``.
+"""Self-supervised pretraining (the paper's Eqs. 1-3 and protocol): one loop for ``kaf``, ``pcl``, ``gcl``, ``simclr``.
 
 SGD with momentum and a cosine schedule (per step); CUDA with mixed precision where present; several
 processes through ``torchrun`` (DistributedDataParallel, gloo on the CPU, nccl on GPUs); a CSV log of
