@@ -78,3 +78,9 @@ def setup(*, verbose: bool = True) -> ChapterEnvironment:
         print(f"kpssl {__version__}, torch {torch.__version__}, python {platform.python_version()}")
         print(f"device: {device}{gpu}, preset: {name}, data: {root}")
     return env
+
+
+if __name__ == "__main__":  # python -m kpssl.book student-edition OUT
+    from .edition import main
+
+    raise SystemExit(main())
