@@ -131,10 +131,10 @@ def test_kaf_unet_partial_levels(levels, decoder):
 
 def test_kaf_unet_without_kaf_levels_is_the_unet():
     settings = small(ModelSettings(), kaf_levels=(False,) * 4, classes=3)
-    model, unet = KAFUNet(settings), UNet(1, 3, settings.width)
+    model, unet = KAFUNet(settings).double(), UNet(1, 3, settings.width).double()
     model.load_state_dict(unet.state_dict())  # same names, same shapes
     model.eval(), unet.eval()
-    image = torch.randn(2, 1, SIZE, SIZE)
+    image = torch.randn(2, 1, SIZE, SIZE, dtype=torch.float64)
     keypoints, valid = random_keypoints(2, 4)
     torch.testing.assert_close(model(image, keypoints, valid), unet(image))
 
@@ -200,25 +200,25 @@ def test_level_pixels_follow_pixel_centres():
 
 
 def test_bilinear_sampling_hits_level_pixel_centres():
-    features = torch.randn(2, 3, 8, 8)
+    features = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     rows = torch.tensor([[0, 3, 7], [5, 5, 2]])
     cols = torch.tensor([[0, 6, 7], [1, 4, 2]])
     nearest = sample_nearest(features, rows, cols)
     for stride in (1, 2, 4):
-        centres = torch.stack([rows, cols], -1).float() * stride + (stride - 1) / 2
+        centres = torch.stack([rows, cols], -1).double() * stride + (stride - 1) / 2
         torch.testing.assert_close(sample_bilinear(features, centres, stride), nearest)
-    halfway = torch.tensor([[[0.0, 0.5]]])  # between pixels (0, 0) and (0, 1) at stride 1
+    halfway = torch.tensor([[[0.0, 0.5]]], dtype=torch.float64)  # between pixels (0, 0) and (0, 1) at stride 1
     expected = (features[:1, :, 0, 0] + features[:1, :, 0, 1]) / 2
     torch.testing.assert_close(sample_bilinear(features[:1], halfway, 1)[:, 0], expected)
 
 
 def test_masked_batch_norm_uses_valid_entries_only():
     torch.manual_seed(0)
-    x = torch.randn(3, 7, 5)
+    x = torch.randn(3, 7, 5, dtype=torch.float64)
     valid = torch.rand(3, 7) < 0.6
     x_garbage = torch.where(valid.unsqueeze(-1), x, 1e4)
-    reference = torch.nn.BatchNorm1d(5)
-    masked = MaskedBatchNorm1d(5)
+    reference = torch.nn.BatchNorm1d(5).double()
+    masked = MaskedBatchNorm1d(5).double()
     with torch.no_grad():
         reference.weight.uniform_(), reference.bias.uniform_()
     masked.load_state_dict(reference.state_dict())
@@ -263,7 +263,7 @@ def test_masked_batch_norm_without_valid_entries_keeps_running_stats():
 
 def test_masked_attention_equals_attention_over_valid_keys_only():
     torch.manual_seed(0)
-    q, k, v = torch.randn(3, 2, 6, 8), torch.randn(3, 2, 9, 8), torch.randn(3, 2, 9, 8)
+    q, k, v = (torch.randn(3, 2, n, 8, dtype=torch.float64) for n in (6, 9, 9))
     key_valid = torch.rand(3, 9) < 0.6
     key_valid[0] = False  # an image without valid keys: zero messages, no NaN
     key_valid[1, 0] = True
@@ -275,17 +275,17 @@ def test_masked_attention_equals_attention_over_valid_keys_only():
         keep = key_valid[b]
         expected = F.scaled_dot_product_attention(q[b], k[b][:, keep], v[b][:, keep])
         torch.testing.assert_close(out[b], expected)
-        torch.testing.assert_close(weights[b].sum(-1), torch.ones(2, 6))
+        torch.testing.assert_close(weights[b].sum(-1), torch.ones(2, 6, dtype=torch.float64))
         assert torch.equal(weights[b][..., ~keep], torch.zeros_like(weights[b][..., ~keep]))
 
 
 def test_attention_block_ignores_padding_and_returns_weights():
     torch.manual_seed(0)
-    block = AttentionBlock(16, 4)
-    x, valid = torch.randn(2, 5, 16), torch.ones(2, 5, dtype=torch.bool)
+    block = AttentionBlock(16, 4).double()
+    x, valid = torch.randn(2, 5, 16, dtype=torch.float64), torch.ones(2, 5, dtype=torch.bool)
     out, weights = block(x, valid, need_weights=True)
     assert weights.shape == (2, 4, 5, 5)
-    padded_x = torch.cat([x, 1e3 * torch.randn(2, 3, 16)], dim=1)
+    padded_x = torch.cat([x, 1e3 * torch.randn(2, 3, 16, dtype=torch.float64)], dim=1)
     padded_valid = torch.cat([valid, torch.zeros(2, 3, dtype=torch.bool)], dim=1)
     padded_out, _ = block(padded_x, padded_valid)
     torch.testing.assert_close(padded_out[:, :5], out)
@@ -310,10 +310,10 @@ def fusion_keypoints():
 def test_collisions_are_averaged():
     torch.manual_seed(0)
     keypoints, valid = fusion_keypoints()
-    vectors = torch.randn(2, 10, 5)
+    vectors = torch.randn(2, 10, 5, dtype=torch.float64)
     rows, cols = level_pixels(keypoints, 4, 8, 8)
     dense = scatter_average(vectors, rows, cols, valid, 8, 8)
-    expected = torch.zeros(2, 5, 8, 8)
+    expected = torch.zeros(2, 5, 8, 8, dtype=torch.float64)
     for b in range(2):  # slow, obvious reference
         for r in range(8):
             for c in range(8):
@@ -330,17 +330,17 @@ def test_sparse_fusion_equals_dense_fusion_forward_and_gradients(stride, size):
     torch.manual_seed(stride)
     keypoints, valid = fusion_keypoints()
     rows, cols = level_pixels(keypoints, stride, size, size)
-    vectors = torch.randn(2, 10, 6, requires_grad=True)
-    weight = torch.randn(5, 6, 3, 3, requires_grad=True)
-    bias = torch.randn(5, requires_grad=True)
+    vectors = torch.randn(2, 10, 6, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(5, 6, 3, 3, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(5, dtype=torch.float64, requires_grad=True)
     sparse = sparse_conv3x3(vectors, rows, cols, valid, weight, bias, size, size)
     dense = F.conv2d(scatter_average(vectors, rows, cols, valid, size, size), weight, bias, padding=1)
-    torch.testing.assert_close(sparse, dense, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sparse, dense)
     upstream = torch.randn_like(dense)
     grads_sparse = torch.autograd.grad((sparse * upstream).sum(), [vectors, weight, bias])
     grads_dense = torch.autograd.grad((dense * upstream).sum(), [vectors, weight, bias])
     for g_sparse, g_dense in zip(grads_sparse, grads_dense):
-        torch.testing.assert_close(g_sparse, g_dense, atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(g_sparse, g_dense)
     assert grads_sparse[0][~valid].abs().max() == 0
 
 
@@ -348,26 +348,26 @@ def test_sparse_fusion_equals_dense_fusion_forward_and_gradients(stride, size):
 def test_fusion_module_sparse_equals_dense(size):
     torch.manual_seed(0)
     keypoints, valid = fusion_keypoints()
-    fusion = KeypointFusion(6, 5, 7, sparse=True)
+    fusion = KeypointFusion(6, 5, 7, sparse=True).double()
     with torch.no_grad():
         fusion.norm.weight.uniform_(0.5, 1.5), fusion.norm.bias.uniform_(-0.5, 0.5)
     reference = copy.deepcopy(fusion)
     reference.sparse = False
     rows, cols = level_pixels(keypoints, 32 // size, size, size)
-    vectors = torch.randn(2, 10, 6)
+    vectors = torch.randn(2, 10, 6, dtype=torch.float64)
     out_sparse = fusion(vectors, rows, cols, valid, size, size)
     out_dense = reference(vectors, rows, cols, valid, size, size)
-    torch.testing.assert_close(out_sparse, out_dense, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out_sparse, out_dense)
     out_sparse.square().sum().backward(), out_dense.square().sum().backward()
     # (spread.bias has a gradient of exactly zero in exact arithmetic: training-mode BatchNorm cancels it)
     scale = max(q.grad.abs().max().item() for q in reference.parameters())
     for (name, p), q in zip(fusion.named_parameters(), reference.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, atol=1e-4 * scale, rtol=1e-4, msg=name)
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-10 * scale, rtol=1e-8, msg=name)
     for (name, a), b in zip(fusion.named_buffers(), reference.buffers()):
         torch.testing.assert_close(a, b, msg=name)
     fusion.eval(), reference.eval()
     torch.testing.assert_close(fusion(vectors, rows, cols, valid, size, size),
-                               reference(vectors, rows, cols, valid, size, size), atol=1e-5, rtol=1e-5)
+                               reference(vectors, rows, cols, valid, size, size))
 
 
 def test_sparse_map_steps_equal_their_dense_counterparts():
@@ -434,13 +434,13 @@ def test_kaf_unet_sparse_equals_dense():
 
 def test_kaf_layer_is_permutation_equivariant():
     torch.manual_seed(0)
-    layer = KAFLayer(4, 2, dim=16, blocks=2, heads=4, fusion_hidden=8)
-    features = torch.randn(2, 4, 16, 16)
+    layer = KAFLayer(4, 2, dim=16, blocks=2, heads=4, fusion_hidden=8).double()
+    features = torch.randn(2, 4, 16, 16, dtype=torch.float64)
     keypoints, valid = random_keypoints(2, 9)
     out = layer(features, keypoints, valid, (SIZE, SIZE))
     permutation = torch.randperm(9)
     permuted = layer(features, keypoints[:, permutation], valid[:, permutation], (SIZE, SIZE))
-    torch.testing.assert_close(permuted.features, out.features, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(permuted.features, out.features)
     torch.testing.assert_close(permuted.keypoint_features, out.keypoint_features[:, permutation])
 
 
@@ -448,24 +448,24 @@ def test_kaf_layer_is_permutation_equivariant():
 @pytest.mark.parametrize("sampling", ["nearest", "bilinear"])
 def test_padding_never_changes_valid_outputs(training, sampling):
     torch.manual_seed(0)
-    model = KAFUNet(small(ModelSettings(), sampling=sampling)).train(training)
+    model = KAFUNet(small(ModelSettings(), sampling=sampling)).double().train(training)
     twin = copy.deepcopy(model)  # training mode updates BatchNorm statistics: compare fresh copies
-    image = torch.randn(2, 1, SIZE, SIZE)
+    image = torch.randn(2, 1, SIZE, SIZE, dtype=torch.float64)
     keypoints, valid = random_keypoints(2, 7)
     padded_keypoints, padded_valid = with_garbage_padding(keypoints, valid, 9)
     encoding = model.encode(image, keypoints, valid)
     padded = twin.encode(image, padded_keypoints, padded_valid)
     for a, b in zip(encoding.skips + [encoding.bottleneck], padded.skips + [padded.bottleneck]):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a, b)
     for a, b in zip(encoding.keypoint_features, padded.keypoint_features):
-        torch.testing.assert_close(a[valid], b[:, :7][valid], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a[valid], b[:, :7][valid])
     for name, buffer in model.named_buffers():
         torch.testing.assert_close(buffer, dict(twin.named_buffers())[name], msg=name)
 
 
 def test_no_keypoints_is_defined_and_finite():
-    model = KAFUNet(small(ModelSettings()))
-    image = torch.randn(2, 1, SIZE, SIZE, requires_grad=True)
+    model = KAFUNet(small(ModelSettings())).double()
+    image = torch.randn(2, 1, SIZE, SIZE, dtype=torch.float64, requires_grad=True)
     empty_keypoints, empty_valid = torch.zeros(2, 0, 2), torch.zeros(2, 0, dtype=torch.bool)
     invalid_keypoints, invalid_valid = random_keypoints(2, 5)
     invalid_valid[:] = False
@@ -523,27 +523,28 @@ def test_heads_shapes_and_masking():
     valid = torch.rand(3, 6) < 0.5
     valid[2] = False
     assert head(features, valid).shape == (3, 8)
-    x = torch.randn(3, 6, 5)
+    x = torch.randn(3, 6, 5, dtype=torch.float64)
     mean = masked_mean(x, valid)
-    torch.testing.assert_close(mean[0], x[0][valid[0]].mean(0) if valid[0].any() else torch.zeros(5))
-    assert torch.equal(mean[2], torch.zeros(5))
+    torch.testing.assert_close(mean[0], x[0][valid[0]].mean(0) if valid[0].any() else torch.zeros(5, dtype=x.dtype))
+    assert torch.equal(mean[2], torch.zeros(5, dtype=x.dtype))
     with pytest.raises(ValueError, match="4 levels"):
         head(features[:3], valid)
 
 
 def test_matching_head_shapes_padding_and_scores():
     torch.manual_seed(0)
-    head = MatchingHead(16, 4, 3).eval()
+    head = MatchingHead(16, 4, 3).double().eval()
     keypoints_a, valid_a = random_keypoints(2, 5, seed=1)
     keypoints_b, valid_b = random_keypoints(2, 7, seed=2)
-    desc_a, desc_b = torch.randn(2, 5, 16), torch.randn(2, 7, 16)
+    keypoints_a, keypoints_b = keypoints_a.double(), keypoints_b.double()
+    desc_a, desc_b = torch.randn(2, 5, 16, dtype=torch.float64), torch.randn(2, 7, 16, dtype=torch.float64)
     out_a, out_b = head(desc_a, keypoints_a, valid_a, desc_b, keypoints_b, valid_b, (SIZE, SIZE))
     assert out_a.shape == (2, 5, 16) and out_b.shape == (2, 7, 16)
     padded_b, padded_valid_b = with_garbage_padding(keypoints_b, valid_b, 4)
-    padded_desc_b = torch.cat([desc_b, torch.randn(2, 4, 16)], dim=1)
+    padded_desc_b = torch.cat([desc_b, torch.randn(2, 4, 16, dtype=torch.float64)], dim=1)
     again_a, again_b = head(desc_a, keypoints_a, valid_a, padded_desc_b, padded_b, padded_valid_b, (SIZE, SIZE))
-    torch.testing.assert_close(again_a[valid_a], out_a[valid_a], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(again_b[:, :7][valid_b], out_b[valid_b], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(again_a[valid_a], out_a[valid_a])
+    torch.testing.assert_close(again_b[:, :7][valid_b], out_b[valid_b])
     scores = matching_scores(out_a, out_b)
     assert scores.shape == (2, 5, 7)
     torch.testing.assert_close(scores[1, 2, 3], out_a[1, 2] @ out_b[1, 3] / math.sqrt(16))
@@ -585,13 +586,110 @@ def test_attention_scores_give_the_weights_of_forward():
     from kpssl.models.attention import AttentionBlock
 
     torch.manual_seed(0)
-    block = AttentionBlock(16, 4).eval()
-    x = torch.randn(2, 7, 16)
+    block = AttentionBlock(16, 4).double().eval()
+    x = torch.randn(2, 7, 16, dtype=torch.float64)
     valid = torch.ones(2, 7, dtype=torch.bool)
     valid[1, 5:] = False
     _, weights = block(x, valid, need_weights=True)
     z = block.scores(x).masked_fill(~valid[:, None, None, :], float("-inf"))
     torch.testing.assert_close(z.softmax(-1), weights)
-    source = torch.randn(2, 5, 16)
+    source = torch.randn(2, 5, 16, dtype=torch.float64)
     _, cross = block(x, valid, source, torch.ones(2, 5, dtype=torch.bool), need_weights=True)
     torch.testing.assert_close(block.scores(x, source).softmax(-1), cross)
+
+
+# ----------------------------------------------------------------------------------------------- sparse scatter
+
+
+def border_and_padding_case(size: int = 8, extra_invalid: int = 40):
+    """Keypoints at all four corners, on every border, colliding, plus many invalid ones (float64)."""
+    torch.manual_seed(3)
+    last = size - 1
+    corners = [[0, 0], [0, last], [last, 0], [last, last], [0, 3], [last, 4], [5, 0], [2, last], [4, 4], [4, 4],
+               [4, 5]]
+    rows_cols = torch.tensor([corners, corners[::-1]])  # (2, 11, 2)
+    padding = torch.randint(0, size, (2, extra_invalid, 2))
+    pixels = torch.cat([rows_cols, padding], dim=1)
+    valid = torch.cat([torch.ones(2, 11, dtype=torch.bool), torch.zeros(2, extra_invalid, dtype=torch.bool)], dim=1)
+    valid[1, 9] = False  # an invalid keypoint on a valid one's pixel
+    return pixels[..., 0], pixels[..., 1], valid
+
+
+def dense_fusion_reference(vectors, rows, cols, valid, weight, bias, size):
+    return F.conv2d(scatter_average(vectors, rows, cols, valid, size, size), weight, bias, padding=1)
+
+
+@pytest.mark.parametrize("size", [8, 3, 1])
+def test_sparse_steps_equal_dense_at_borders_with_padding_float64(size):
+    rows, cols, valid = border_and_padding_case(8)
+    rows, cols = rows.clamp(max=size - 1), cols.clamp(max=size - 1)
+    vectors = torch.randn(2, rows.shape[1], 6, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(5, 6, 3, 3, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    weight2 = torch.randn(4, 5, 3, 3, dtype=torch.float64, requires_grad=True)
+    bias2 = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    spread = spread_keypoints(vectors, rows, cols, valid, weight, bias, size, size)
+    # dropped taps are listed off the map with value zero
+    off = (spread.rows < 0) | (spread.rows >= size) | (spread.cols < 0) | (spread.cols >= size)
+    assert torch.equal(spread.values[off], torch.zeros_like(spread.values[off]))
+    assert (spread.rows[off] == -2).all()
+    dense1 = dense_fusion_reference(vectors, rows, cols, valid, weight, bias, size)
+    torch.testing.assert_close(densify(spread), dense1, rtol=1e-12, atol=1e-12)
+    activated = sparse_batch_norm_relu(spread, None, None, None, None, True, 0.1, 1e-5)
+    out = sparse_conv3x3_dense(activated, weight2, bias2)
+    expected = F.conv2d(F.relu(F.batch_norm(dense1, None, None, None, None, True, 0.1, 1e-5)), weight2, bias2,
+                        padding=1)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    upstream = torch.randn_like(expected)
+    inputs = [vectors, weight, bias, weight2, bias2]
+    grads = torch.autograd.grad((out * upstream).sum(), inputs)
+    grads_expected = torch.autograd.grad((expected * upstream).sum(), inputs)
+    for name, a, b in zip(["vectors", "weight", "bias", "weight2", "bias2"], grads, grads_expected):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=name)
+    assert torch.equal(grads[0][~valid], torch.zeros_like(grads[0][~valid]))
+
+
+def test_sparse_conv3x3_without_keypoints_is_the_bias_convolution():
+    weight, bias = torch.randn(5, 6, 3, 3, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    empty = torch.zeros(2, 0, dtype=torch.long)
+    out = sparse_conv3x3(torch.zeros(2, 0, 6, dtype=torch.float64), empty, empty, empty.bool(), weight, bias, 4, 4)
+    torch.testing.assert_close(out, bias.view(1, 5, 1, 1).expand(2, 5, 4, 4))
+
+
+def index_add_targets(function):
+    """Run ``function``; return the index tensors of every ``index_add`` it made."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, op, types, args=(), kwargs=None):
+            if op.overloadpacket in (torch.ops.aten.index_add, torch.ops.aten.index_add_):
+                seen.append((args[0].shape, args[2].clone()))
+            return op(*args, **(kwargs or {}))
+
+    with Record():
+        function()
+    return seen
+
+
+def test_sparse_scatters_never_pile_dropped_entries_onto_one_address():
+    """Every scatter adds C-vector rows; dropped taps (off the image, invalid keypoints) spread over the
+    buffer. With 11 valid keypoints and 40 padded ones on a 8 x 8 map no row may receive more additions
+    than the taps that genuinely overlap there (at most 9) plus its share of the spread entries."""
+    rows, cols, valid = border_and_padding_case(8, extra_invalid=40)
+    vectors = torch.randn(2, rows.shape[1], 6, dtype=torch.float64)
+    weight, weight2 = torch.randn(5, 6, 3, 3, dtype=torch.float64), torch.randn(4, 5, 3, 3, dtype=torch.float64)
+
+    def run():
+        spread = spread_keypoints(vectors, rows, cols, valid, weight, None, 8, 8)
+        densify(spread)
+        sparse_conv3x3_dense(spread, weight2, None)
+
+    calls = index_add_targets(run)
+    assert len(calls) == 3
+    for shape, index in calls:
+        assert len(shape) == 2  # rows of C-vectors, not single scalars
+        rows_of_buffer = shape[0]
+        spread_share = -(-index.numel() // rows_of_buffer)  # ceil: dropped entries per buffer row
+        assert torch.bincount(index).max() <= 9 + spread_share, (shape, torch.bincount(index).max())

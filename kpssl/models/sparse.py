@@ -9,7 +9,8 @@ steps of D_l map such maps to such maps, at a cost that does not depend on the i
    pixel (r + 1 - ky, c + 1 - kx); all K x 9 taps are one (B K, d) x (d, 9 hidden) product. Keypoints
    that share a pixel are averaged (each vector divided by its collision count), and taps that land on
    the same pixel are summed into one entry (:func:`merge_duplicate_pixels`), so listed pixels are unique.
-   Background: the bias.
+   Taps that fall off the image, those of invalid keypoints and merged duplicates are listed off the map (row ``-2``, so
+   that every tap of theirs is off the map too) with value 0. Background: the bias.
 2. :func:`sparse_batch_norm_relu`: BatchNorm statistics over all B H W pixels follow from the background
    and the listed deviations (mean = b + sum(dev) / M, var = sum(dev^2) / M - (sum(dev) / M)^2);
    BatchNorm and ReLU act on the background and on each listed pixel.
@@ -19,6 +20,13 @@ steps of D_l map such maps to such maps, at a cost that does not depend on the i
 
 :func:`sparse_conv3x3` is step 1 made dense: "scatter each keypoint's d-vector times the 9
 kernel taps". Tests check all of it against the dense convolutions, forward and backward.
+
+Scatters (GPU cost). Every scatter adds whole C-vectors: the dense result is accumulated in a
+pixel-major (B H W, C) buffer with one ``index_add_`` over rows, and returned as a (B, C, H, W) view
+in channels_last strides (the values are those of the NCHW convolution; ``torch.cat`` or a
+``.contiguous()`` gives NCHW memory if wanted). Entries that must not count (off-image taps, invalid
+keypoints) are masked to zero and sent to rows spread over the whole buffer, never to one shared spare
+element: the only atomic additions that meet on one address are those of genuinely overlapping taps.
 """
 
 from __future__ import annotations
@@ -55,6 +63,11 @@ class SparseMap(NamedTuple):
     width: int
 
 
+# The row of dropped entries: two rows above the map, so that all nine taps of such an entry
+# (rows -1, -2, -3) are off the map as well.
+_OFF_MAP = -2
+
+
 def collision_counts(rows: Tensor, cols: Tensor, valid: Tensor) -> Tensor:
     """For each keypoint, how many valid keypoints of its image share its pixel (at least 1) -> (B, K) int64."""
     pixel = torch.stack([rows, cols], dim=-1)  # (B, K, 2)
@@ -74,20 +87,32 @@ def _tap_pixels(rows: Tensor, cols: Tensor, height: int, width: int) -> tuple[Te
     return tap_rows.expand_as(inside), tap_cols.expand_as(inside), inside
 
 
+def _inside(rows: Tensor, cols: Tensor, height: int, width: int) -> Tensor:
+    return (rows >= 0) & (rows < height) & (cols >= 0) & (cols < width)
+
+
+def _merge(values: Tensor, rows: Tensor, cols: Tensor, height: int, width: int) -> tuple[Tensor, Tensor]:
+    """:func:`merge_duplicate_pixels`, also returning ``owner (B, N)`` bool: the entry that holds its pixel's sum."""
+    batch, count, channels = values.shape
+    image = torch.arange(batch, device=rows.device).unsqueeze(1)  # (B, 1)
+    ids = torch.arange(batch * count, device=rows.device)
+    inside = _inside(rows, cols, height, width).reshape(-1)  # (B N,)
+    pixel = (image * (height * width) + rows * width + cols).reshape(-1)  # (B N,)
+    slot = torch.where(inside, pixel, batch * height * width + ids)  # off-map entries: a slot of their own
+    owner = torch.full((batch * height * width + batch * count,), -1, dtype=torch.long, device=rows.device)
+    owner = owner.scatter_reduce(0, slot, ids, reduce="amax")[slot]  # (B N,) the entry id owning each slot
+    merged = values.new_zeros(batch * count, channels).index_add(0, owner, values.reshape(-1, channels))
+    return merged.view(batch, count, channels), (owner == ids).view(batch, count)  # (B, N, C), (B, N)
+
+
 def merge_duplicate_pixels(values: Tensor, rows: Tensor, cols: Tensor, height: int, width: int) -> Tensor:
     """Sum the entries that share a pixel into one of them; the others become zero.
 
     values (B, N, C), rows, cols (B, N) -> (B, N, C). The entry kept is the one with the largest index,
-    chosen without sorting or host synchronisation (a scatter-max of entry ids into a pixel map).
+    chosen without sorting or host synchronisation (a scatter-max of entry ids into a pixel map). Entries
+    off the map are left as they are (each is its own slot, so none of them meet on one address).
     """
-    batch, count, channels = values.shape
-    image = torch.arange(batch, device=rows.device).unsqueeze(1)  # (B, 1)
-    pixel = (image * (height * width) + rows * width + cols).reshape(-1)  # (B N,)
-    ids = torch.arange(batch * count, device=rows.device)
-    owner = torch.full((batch * height * width,), -1, dtype=torch.long, device=rows.device)
-    owner = owner.scatter_reduce(0, pixel, ids, reduce="amax")  # one entry id per touched pixel
-    merged = values.new_zeros(batch * count, channels).index_add(0, owner[pixel], values.reshape(-1, channels))
-    return merged.view(batch, count, channels)  # (B, N, C)
+    return _merge(values, rows, cols, height, width)[0]
 
 
 def spread_keypoints(vectors: Tensor, rows: Tensor, cols: Tensor, valid: Tensor, weight: Tensor,
@@ -99,7 +124,9 @@ def spread_keypoints(vectors: Tensor, rows: Tensor, cols: Tensor, valid: Tensor,
         weight: (hidden, d, 3, 3); bias: (hidden,) or ``None``.
 
     Returns:
-        background = bias, and B x 9K listed pixels (unique, off-image taps and invalid keypoints zero).
+        background = bias, and B x 9K listed pixels: unique in the map; off-image taps, the taps of
+        invalid keypoints and the duplicates merged into another entry listed at row -2 (off the map)
+        with value 0.
     """
     batch, count, dim = vectors.shape
     hidden = weight.shape[0]
@@ -110,44 +137,51 @@ def spread_keypoints(vectors: Tensor, rows: Tensor, cols: Tensor, valid: Tensor,
     taps = scaled @ weight.permute(1, 2, 3, 0).reshape(dim, 9 * hidden)  # (B, K, 9 hidden), tap-major
     tap_rows, tap_cols, inside = _tap_pixels(rows, cols, height, width)  # (B, K, 3, 3)
     keep = (inside & valid.view(batch, count, 1, 1)).view(batch, 9 * count)  # (B, 9K)
-    tap_rows = torch.where(keep, tap_rows.reshape(batch, 9 * count), 0)  # dropped taps park at (0, 0) ...
+    tap_rows = torch.where(keep, tap_rows.reshape(batch, 9 * count), _OFF_MAP)  # dropped taps go off the map
     tap_cols = torch.where(keep, tap_cols.reshape(batch, 9 * count), 0)
     values = torch.where(keep.unsqueeze(-1), taps.view(batch, 9 * count, hidden), 0.0)  # ... with value 0
-    values = merge_duplicate_pixels(values, tap_rows, tap_cols, height, width)  # (B, 9K, hidden)
+    values, owner = _merge(values, tap_rows, tap_cols, height, width)  # (B, 9K, hidden), (B, 9K)
+    tap_rows = torch.where(owner, tap_rows, _OFF_MAP)  # merged duplicates (now zero) leave the map too
     background = bias if bias is not None else vectors.new_zeros(hidden)
     return SparseMap(background, values, tap_rows, tap_cols, height, width)
 
 
-def _planes_with_spare(planes: Tensor, batch: int) -> Tensor:
-    """B copies of planes (C, H, W), flattened, plus one spare element at the end -> (B C H W + 1,)."""
-    flat = planes.reshape(-1)
-    return torch.cat([flat] * batch + [flat.new_zeros(1)])  # one pass over the output
+def _filled(planes: Tensor, batch: int) -> Tensor:
+    """B copies of planes (C, H, W) in a pixel-major buffer -> (B H W, C)."""
+    channels, height, width = planes.shape
+    buffer = planes.new_empty(batch * height * width, channels)  # a fresh tensor: the scatter may write into it
+    buffer.view(batch, height, width, channels).copy_(planes.permute(1, 2, 0).expand(batch, height, width, channels))
+    return buffer
 
 
 def _scatter_into(buffer: Tensor, shape: tuple[int, int, int, int], rows: Tensor, cols: Tensor,
-                  inside: Tensor | None, values: Tensor) -> Tensor:
-    """Add values (..., C) at pixels rows, cols (...) of a flat (B C H W + 1,) buffer -> (B, C, H, W).
+                  keep: Tensor, values: Tensor) -> Tensor:
+    """Add C-vectors values (B, ..., C) at pixels rows, cols (B, ...) of a (B H W, C) buffer -> (B, C, H, W).
 
-    The leading dimension of rows, cols, inside and values is B (the image). Entries with ``inside``
-    False go to the spare last element, which is then dropped. Writing the flat NCHW buffer directly
-    leaves the result contiguous, with no layout copy.
+    One ``index_add_`` over rows: each addition is a whole C-vector of one pixel. Entries with ``keep``
+    False add a zero vector to a row of their own choosing (entry i to row i mod B H W), so they spread
+    over the buffer instead of piling onto one address. The result is a view of the buffer with
+    channels_last strides.
     """
     batch, channels, height, width = shape
     image = torch.arange(batch, device=rows.device).view(batch, *([1] * (rows.ndim - 1)))
-    pixel = image * (channels * height * width) + rows * width + cols  # (...): channel 0 of the image
-    index = pixel.unsqueeze(-1) + torch.arange(channels, device=rows.device) * (height * width)  # (..., C)
-    if inside is not None:
-        index = torch.where(inside.unsqueeze(-1), index, buffer.shape[0] - 1)
-    values = values.to(buffer.dtype)  # (under autocast the dtypes may differ)
-    return buffer.index_add_(0, index.reshape(-1), values.reshape(-1))[:-1].view(shape)
+    pixel = (image * (height * width) + rows * width + cols).reshape(-1)  # (B ...,) row of the buffer
+    keep = keep.reshape(-1)
+    spread = torch.arange(pixel.shape[0], device=rows.device) % buffer.shape[0]
+    pixel = torch.where(keep, pixel, spread)
+    values = values.reshape(-1, channels).to(buffer.dtype)  # (B ..., C); under autocast the dtypes may differ
+    values = torch.where(keep.unsqueeze(-1), values, 0.0)
+    buffer = buffer.index_add_(0, pixel, values)  # (B H W, C)
+    return buffer.view(batch, height, width, channels).permute(0, 3, 1, 2)  # (B, C, H, W), channels_last strides
 
 
 def densify(sparse: SparseMap) -> Tensor:
-    """The dense (B, C, H, W) map a :class:`SparseMap` stands for."""
+    """The dense (B, C, H, W) map a :class:`SparseMap` stands for (channels_last strides)."""
     background, values, rows, cols, height, width = sparse
     batch, count, channels = values.shape
-    buffer = _planes_with_spare(background.view(channels, 1, 1).expand(channels, height, width), batch)
-    return _scatter_into(buffer, (batch, channels, height, width), rows, cols, None, values)
+    buffer = _filled(background.view(channels, 1, 1).expand(channels, height, width), batch)  # (B H W, C)
+    return _scatter_into(buffer, (batch, channels, height, width), rows, cols, _inside(rows, cols, height, width),
+                         values)
 
 
 def sparse_conv3x3(vectors: Tensor, rows: Tensor, cols: Tensor, valid: Tensor, weight: Tensor, bias: Tensor | None,
@@ -213,8 +247,8 @@ def sparse_conv3x3_dense(sparse: SparseMap, weight: Tensor, bias: Tensor | None)
                             tap_response)  # (C_out, H, W)
     if bias is not None:
         constant = constant + bias.view(out_channels, 1, 1)
-    buffer = _planes_with_spare(constant, batch)  # (B C_out H W + 1,)
-    # deviations: each listed pixel through the 9 taps; off-image taps are dropped
+    buffer = _filled(constant, batch)  # (B H W, C_out)
+    # deviations: each listed pixel through the 9 taps; off-image taps are masked
     contributions = values @ weight.permute(1, 2, 3, 0).reshape(channels, 9 * out_channels)  # (B, N, 9 C_out)
     tap_rows, tap_cols, inside = _tap_pixels(rows, cols, height, width)  # (B, N, 3, 3)
     return _scatter_into(buffer, (batch, out_channels, height, width), tap_rows, tap_cols, inside,
