@@ -151,12 +151,59 @@ def test_load_volumes_rejects_mismatched_shapes(tiny_acdc):
         load_volumes(tiny_acdc, DataSettings())
 
 
+# The authors' folds and labelled patients, computed once with scikit-learn 1.9.1 and Python 3.11:
+#   keys = [f"patient{i:03d}" for i in range(1, 101)]
+#   for fold, (train, test) in enumerate(KFold(n_splits=5, shuffle=True, random_state=12345).split(keys)):
+#       test fold = keys[test]; train_keys = list(np.array(keys)[train])
+#       random.seed(1234); random.sample(train_keys, M)   for M = 2 and 6
+# and for CHD-like names without zero padding, keys = [f"case{n}" for n in range(1, 69)] (numeric order).
+ACDC_TEST_FOLDS = [
+    [5, 10, 14, 21, 26, 29, 34, 36, 41, 43, 50, 52, 61, 64, 66, 70, 76, 79, 87, 89],
+    [1, 3, 7, 9, 18, 27, 31, 38, 40, 46, 47, 48, 51, 53, 55, 58, 72, 77, 88, 93],
+    [13, 17, 19, 20, 22, 23, 25, 28, 33, 49, 59, 63, 69, 75, 80, 84, 85, 86, 90, 96],
+    [4, 6, 16, 24, 32, 45, 54, 56, 57, 62, 65, 67, 68, 71, 73, 91, 92, 94, 95, 97],
+    [2, 8, 11, 12, 15, 30, 35, 37, 39, 42, 44, 60, 74, 78, 81, 82, 83, 98, 99, 100],
+]
+ACDC_LABELLED = {  # fold: {M: patients} drawn from the whole training fold
+    0: {2: [18, 73], 6: [1, 6, 15, 18, 73, 95]},
+    1: {2: [20, 74], 6: [2, 8, 16, 20, 74, 95]},
+    2: {2: [16, 70], 6: [1, 5, 12, 16, 70, 94]},
+    3: {2: [18, 70], 6: [1, 7, 14, 18, 70, 90]},
+    4: {2: [20, 69], 6: [1, 6, 17, 20, 69, 92]},
+}
+CASE_TEST_FOLDS = [
+    [5, 7, 23, 33, 36, 43, 44, 48, 49, 52, 53, 59, 61, 62],
+    [3, 9, 13, 21, 22, 25, 26, 27, 29, 31, 41, 45, 46, 47],
+    [1, 4, 6, 16, 20, 24, 32, 34, 54, 56, 57, 58, 60, 66],
+    [8, 10, 11, 12, 14, 17, 18, 19, 28, 39, 40, 51, 65],
+    [2, 15, 30, 35, 37, 38, 42, 50, 55, 63, 64, 67, 68],
+]
+
+
+def test_folds_are_the_authors_kfold():
+    patients = [f"patient{i:03d}" for i in range(1, 101)]
+    folds = patient_folds(patients, 5, 12345)
+    assert folds == [tuple(f"patient{i:03d}" for i in fold) for fold in ACDC_TEST_FOLDS]
+    assert folds == patient_folds(list(reversed(patients)), 5, 12345)  # input order does not matter
+    cases = [f"case{n}" for n in range(68, 0, -1)]
+    assert patient_folds(cases, 5, 12345) == [tuple(f"case{n}" for n in fold) for fold in CASE_TEST_FOLDS]
+
+
+def test_labelled_patients_are_the_authors_draw():
+    patients = [f"patient{i:03d}" for i in range(1, 101)]
+    authors = SplitSettings(validation_fraction=0.0)  # the pool is the whole training fold
+    for fold, draws in ACDC_LABELLED.items():
+        split = fold_split(patients, fold, authors)
+        assert split.validation == () and len(split.train) == 80
+        for m, expected in draws.items():
+            assert labelled_subset(split, m, 1234) == tuple(f"patient{i:03d}" for i in expected)
+
+
 def test_folds_partition_patients_reproducibly():
     patients = [f"patient{i:03d}" for i in range(1, 23)]
     folds = patient_folds(patients, 5, 12345)
     assert sorted(sum(map(list, folds), [])) == patients
     assert [len(f) for f in folds] == [5, 5, 4, 4, 4]
-    assert folds == patient_folds(list(reversed(patients)), 5, 12345)
     assert folds != patient_folds(patients, 5, 1)
 
 
@@ -170,6 +217,7 @@ def test_fold_split_and_nested_subsets():
         assert not set(split.train) & set(split.validation)
         assert len(split.train) + len(split.validation) + len(split.test) == 20
         seen_test += split.test
+        # pools of at most 21 patients: Python's sample takes prefixes of one draw, so budgets nest
         small, large = labelled_subset(split, 2, 1234), labelled_subset(split, 6, 1234)
         assert set(small) <= set(large) <= set(split.train) and len(large) == 6
         assert small == labelled_subset(split, 2, 1234)

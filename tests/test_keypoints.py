@@ -261,6 +261,11 @@ def test_neighbour_rules():
     assert {neighbour_slice(0, 200, "fraction", 0.05, rng) for _ in range(400)} == set(range(1, 10))  # int(0.05 u 200) < 10
     with pytest.raises(ValueError, match="rule"):
         neighbour_slice(0, 5, "random", 0.05, rng)
+    # near a volume end, offsets leading outside are redrawn, not clipped onto the end slice: from
+    # slice 2 of 200, only offset -2 reaches slice 0 (probability 0.05 / 0.55, about 0.09; clipping
+    # would send offsets -2 .. -9 there, 0.4 / 0.9, about 0.44)
+    draws = [neighbour_slice(2, 200, "fraction", 0.05, rng) for _ in range(2000)]
+    assert 0.05 < draws.count(0) / len(draws) < 0.14
 
 
 # --- cache -----------------------------------------------------------------------------------------
@@ -364,6 +369,27 @@ def test_pair_items_follow_the_contract(tmp_path):
     assert torch.equal(data[2]["view1"], data[2]["view1"])
     data.set_epoch(1)
     assert not torch.equal(data[2]["view1"], PairDataset(volumes, settings, tmp_path, seed=3)[2]["view1"])
+
+
+def test_same_slice_views_augment_one_slice_twice(tmp_path):
+    """The baselines' views (SimCLR, GCL, PCL): two independent augmentations of slice i itself."""
+    settings = small_settings(patch=48, k=24)
+    volumes = [small_volume(1), small_volume(2, slices=3)]
+    same = PairDataset(volumes, settings, tmp_path, seed=3, views="same")
+    batch = collate_keypoints([same[i] for i in range(len(same))])
+    assert torch.equal(batch["neighbour"], batch["slice"])
+    assert not torch.equal(batch["view1"], batch["view2"])  # each view has its own crop and augmentation
+    # every keypoint valid in both views is its own partner (the same SIFT keypoint, moved twice)
+    for b in range(len(same)):
+        m12 = batch["match12"][b]
+        both = batch["valid1"][b] & batch["valid2"][b]
+        assert torch.equal(m12[both], torch.nonzero(both).flatten())
+    neighbour = PairDataset(volumes, settings, tmp_path, seed=3)
+    assert neighbour.views == "neighbour"
+    items = [neighbour[i] for i in range(len(neighbour))]
+    assert all(abs(int(item["neighbour"]) - int(item["slice"])) == 1 for item in items)
+    with pytest.raises(ValueError, match="views"):
+        PairDataset(volumes, settings, tmp_path, views="other")
 
 
 def test_loader_workers_do_not_change_batches(tmp_path):

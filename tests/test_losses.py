@@ -110,34 +110,67 @@ def reference_sinkhorn(
     return out
 
 
-def reference_matching(log_p, match12, match21, valid1, valid2, w_m=0.45, w_u=1.0, clamp=-100.0) -> float:
+def _matching_terms(log_p, match12, match21, valid1, valid2, clamp):
+    """Per sample: the list of matched terms and the list of dustbin terms, each ``-log P`` clamped."""
     batch, m1, n1 = log_p.shape
     m, n = m1 - 1, n1 - 1
 
-    def lp(s: int, a: int, b: int) -> float:
-        return min(0.0, max(clamp, float(log_p[s, a, b])))
+    def nll(s: int, a: int, b: int) -> float:
+        return -min(0.0, max(clamp, float(log_p[s, a, b])))
 
-    per_sample = []
+    samples = []
     for s in range(batch):
-        terms = []
+        matched, dustbin = [], []
         for a in range(m):
             if not valid1[s, a]:
                 continue
             b = int(match12[s, a])
             if b >= 0 and valid2[s, b]:
-                terms.append(w_m * lp(s, a, b))
+                matched.append(nll(s, a, b))
             else:
-                terms.append(w_u * lp(s, a, n))
+                dustbin.append(nll(s, a, n))
         for b in range(n):
             if not valid2[s, b]:
                 continue
             a = int(match21[s, b])
             if a >= 0 and valid1[s, a]:
                 continue  # counted from image 1
-            terms.append(w_u * lp(s, m, b))
-        if terms:
-            per_sample.append(-sum(terms) / len(terms))
-    return sum(per_sample) / len(per_sample) if per_sample else 0.0
+            dustbin.append(nll(s, m, b))
+        samples.append((matched, dustbin))
+    return samples
+
+
+def reference_matching(log_p, match12, match21, valid1, valid2, w_m=0.45, w_u=1.0, clamp=-100.0) -> float:
+    """The authors' normalisation: w_m * mean_s(mean matched) + w_u * mean_s(mean dustbin), empty = 0."""
+    samples = _matching_terms(log_p, match12, match21, valid1, valid2, clamp)
+    if not samples:
+        return 0.0
+    matched_means = [sum(mt) / len(mt) if mt else 0.0 for mt, _ in samples]
+    dustbin_means = [sum(dt) / len(dt) if dt else 0.0 for _, dt in samples]
+    return w_m * sum(matched_means) / len(samples) + w_u * sum(dustbin_means) / len(samples)
+
+
+def reference_matching_sum(log_p, match12, match21, valid1, valid2, w_m=1.0, w_u=1.0, clamp=-100.0) -> float:
+    """Eq. 2 as printed (weighted groups), summed per sample, averaged over the batch."""
+    samples = _matching_terms(log_p, match12, match21, valid1, valid2, clamp)
+    return sum(w_m * sum(mt) + w_u * sum(dt) for mt, dt in samples) / len(samples) if samples else 0.0
+
+
+def reference_supcon_authors(z: torch.Tensor, positives: torch.Tensor, tau: float, base_tau: float) -> float:
+    """The supervised-contrastive reference code's formula, written as loops: normalised features,
+    log_prob = s_ij / tau - log sum_{k != i} exp(s_ik / tau), mean over positives, times
+    -(tau / base_tau), mean over all anchors (each must have a positive)."""
+    rows = [[float(x) for x in row] for row in z]
+    unit = [[x / math.sqrt(sum(y * y for y in row)) for x in row] for row in rows]
+    count = len(unit)
+    total = 0.0
+    for i in range(count):
+        sims = [sum(a * b for a, b in zip(unit[i], unit[k])) / tau for k in range(count)]
+        log_denominator = math.log(sum(math.exp(sims[k]) for k in range(count) if k != i))
+        pos = [j for j in range(count) if j != i and positives[i, j]]
+        mean_log_prob = sum(sims[j] - log_denominator for j in pos) / len(pos)
+        total += -(tau / base_tau) * mean_log_prob
+    return total / count
 
 
 def reference_local_contrastive(desc1, desc2, match12, valid1, valid2, tau) -> float:
@@ -256,13 +289,32 @@ def test_contrastive_matches_loop(rule, generator):
     positions = torch.rand(n, generator=generator, dtype=DOUBLE)
     partitions = torch.randint(0, 4, (n,), generator=generator)
     positives = positive_mask(rule, positions, partitions, threshold=0.3)
-    got = supervised_contrastive_loss(z, positives, tau)
+    got = supervised_contrastive_loss(z, positives, tau, base_temperature=tau)  # Eq. 1 as printed
     assert got.dtype == DOUBLE
     assert got.item() == pytest.approx(reference_contrastive(z, positives, tau), rel=1e-10, abs=1e-12)
-    via_views = contrastive_loss(z[:n], z[n:], positions, partitions, rule, tau, 0.3)
+    via_views = contrastive_loss(z[:n], z[n:], positions, partitions, rule, tau, 0.3, base_temperature=tau)
     assert torch.allclose(via_views, got)
-    module = ContrastiveLoss(rule, temperature=tau, threshold=0.3)
+    module = ContrastiveLoss(rule, temperature=tau, threshold=0.3, base_temperature=tau)
     assert torch.allclose(module(z[:n], z[n:], positions, partitions), got)
+
+
+@pytest.mark.parametrize("rule", ["simclr", "gcl", "pcl"])
+def test_contrastive_defaults_are_the_authors_formula(rule, generator):
+    """With its defaults the loss is the authors' (supervised-contrastive reference code): Eq. 1 times
+    tau / base_tau = 0.1 / 0.07."""
+    n, dim, tau = 6, 5, 0.1
+    z = torch.randn(2 * n, dim, generator=generator, dtype=DOUBLE)
+    positions = torch.rand(n, generator=generator, dtype=DOUBLE)
+    partitions = torch.randint(0, 4, (n,), generator=generator)
+    positives = positive_mask(rule, positions, partitions, threshold=0.3)
+    expected = reference_supcon_authors(z, positives, tau, 0.07)
+    assert supervised_contrastive_loss(z, positives, tau).item() == pytest.approx(expected, rel=1e-10)
+    assert contrastive_loss(z[:n], z[n:], positions, partitions, rule, tau, 0.3).item() == pytest.approx(
+        expected, rel=1e-10)
+    module = ContrastiveLoss.from_settings(PretrainSettings(temperature=tau, pcl_threshold=0.3), rule)
+    assert module(z[:n], z[n:], positions, partitions).item() == pytest.approx(expected, rel=1e-10)
+    printed = supervised_contrastive_loss(z, positives, tau, base_temperature=tau).item()
+    assert expected == pytest.approx(printed * tau / 0.07, rel=1e-10)
 
 
 def test_contrastive_analytic_values():
@@ -270,27 +322,27 @@ def test_contrastive_analytic_values():
     identical = torch.ones(2 * n, 4, dtype=DOUBLE)
     simclr = positive_mask("simclr", torch.rand(n), None)
     # every similarity is 1: each term is log(1 / (2N - 1))
-    assert supervised_contrastive_loss(identical, simclr, tau).item() == pytest.approx(math.log(2 * n - 1))
+    assert supervised_contrastive_loss(identical, simclr, tau, tau).item() == pytest.approx(math.log(2 * n - 1))
     # samples orthogonal to each other, the two views of a sample identical
     basis = torch.eye(n, dtype=DOUBLE)
     z = torch.cat([basis, 2.0 * basis])  # scale must not matter (cosine)
     expected = math.log(1 + (2 * n - 2) * math.exp(-1 / tau))
-    assert supervised_contrastive_loss(z, simclr, tau).item() == pytest.approx(expected, rel=1e-12)
+    assert supervised_contrastive_loss(z, simclr, tau, tau).item() == pytest.approx(expected, rel=1e-12)
     # with every view a positive (all in one partition) the orthogonal batch is worse
     gcl = positive_mask("gcl", None, torch.zeros(n, dtype=torch.long))
     numerator_same, numerator_other = 1 / tau, 0.0
     denominator = math.log(math.exp(1 / tau) + (2 * n - 2))
     expected_gcl = -(numerator_same - denominator + (2 * n - 2) * (numerator_other - denominator)) / (2 * n - 1)
-    assert supervised_contrastive_loss(z, gcl, tau).item() == pytest.approx(expected_gcl, rel=1e-12)
+    assert supervised_contrastive_loss(z, gcl, tau, tau).item() == pytest.approx(expected_gcl, rel=1e-12)
 
 
 def test_contrastive_anchors_without_positives_are_skipped(generator):
     z = torch.randn(6, 3, generator=generator, dtype=DOUBLE, requires_grad=True)
     positives = torch.zeros(6, 6, dtype=torch.bool)
     positives[0, 3] = positives[3, 0] = True
-    got = supervised_contrastive_loss(z, positives, 0.5)
+    got = supervised_contrastive_loss(z, positives, 0.5, 0.5)
     assert got.item() == pytest.approx(reference_contrastive(z.detach(), positives, 0.5), rel=1e-10)
-    empty = supervised_contrastive_loss(z, torch.zeros(6, 6, dtype=torch.bool), 0.5)
+    empty = supervised_contrastive_loss(z, torch.zeros(6, 6, dtype=torch.bool), 0.5, 0.5)
     assert empty.item() == 0.0
     (got + empty).backward()
     assert torch.isfinite(z.grad).all()
@@ -299,24 +351,24 @@ def test_contrastive_anchors_without_positives_are_skipped(generator):
 def test_contrastive_is_stable_and_runs_in_float32_under_autocast(generator):
     z = torch.randn(8, 16, generator=generator) * 1e3
     positives = positive_mask("simclr", torch.rand(4), None)
-    reference = supervised_contrastive_loss(z.double(), positives, 0.01)
+    reference = supervised_contrastive_loss(z.double(), positives, 0.01, 0.01)
     for dtype in (torch.float16, torch.bfloat16):
         low = z.to(dtype).requires_grad_()
-        loss = supervised_contrastive_loss(low, positives, 0.01)
+        loss = supervised_contrastive_loss(low, positives, 0.01, 0.01)
         assert loss.dtype == torch.float32 and torch.isfinite(loss)
         assert loss.item() == pytest.approx(reference.item(), rel=0.05, abs=0.05)
         loss.backward()
         assert torch.isfinite(low.grad.float()).all()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = supervised_contrastive_loss(z, positives, 0.1)
+        loss = supervised_contrastive_loss(z, positives, 0.1, 0.1)
     assert loss.dtype == torch.float32
-    assert loss.item() == pytest.approx(supervised_contrastive_loss(z, positives, 0.1).item(), rel=1e-5)
+    assert loss.item() == pytest.approx(supervised_contrastive_loss(z, positives, 0.1, 0.1).item(), rel=1e-5)
 
 
 def test_contrastive_gradcheck(generator):
     z = torch.randn(6, 4, generator=generator, dtype=DOUBLE, requires_grad=True)
     positives = positive_mask("pcl", torch.tensor([0.1, 0.2, 0.8]), None, 0.3)
-    assert torch.autograd.gradcheck(lambda x: supervised_contrastive_loss(x, positives, 0.2), (z,))
+    assert torch.autograd.gradcheck(lambda x: supervised_contrastive_loss(x, positives, 0.2, 0.2), (z,))
 
 
 def test_contrastive_rejects_bad_arguments():
@@ -485,6 +537,32 @@ def test_matching_loss_matches_loop_reference(generator):
             got = matching_loss(log_p, match12, match21, valid1, valid2, w_m, w_u, clamp)
             expected = reference_matching(log_p, match12, match21, valid1, valid2, w_m, w_u, clamp)
             assert got.item() == pytest.approx(expected, rel=1e-10, abs=1e-12), trial
+            summed = matching_loss(log_p, match12, match21, valid1, valid2, w_m, w_u, clamp, normalisation="sum")
+            expected = reference_matching_sum(log_p, match12, match21, valid1, valid2, w_m, w_u, clamp)
+            assert summed.item() == pytest.approx(expected, rel=1e-10, abs=1e-12), trial
+        # the defaults are the authors' normalisation and weights
+        expected = reference_matching(log_p, match12, match21, valid1, valid2, 0.45, 1.0, -100.0)
+        assert matching_loss(log_p, match12, match21, valid1, valid2).item() == pytest.approx(expected, rel=1e-10)
+
+
+def test_matching_loss_weighs_the_groups_separately():
+    """Per-group means: the few matched pairs weigh as much as the many dustbin terms, whatever their
+    counts (one mean over all terms would drown the matched ones)."""
+    k = 200
+    log_p = torch.full((1, k + 1, k + 1), math.log(0.5), dtype=DOUBLE)
+    log_p[0, :k, k] = math.log(0.25)  # every dustbin cell of image 1
+    log_p[0, k, :k] = math.log(0.25)
+    match12 = torch.full((1, k), -1)
+    match21 = torch.full((1, k), -1)
+    match12[0, :10] = torch.arange(10)
+    match21[0, :10] = torch.arange(10)
+    valid = torch.ones(1, k, dtype=torch.bool)
+    got = matching_loss(log_p, match12, match21, valid, valid)
+    assert got.item() == pytest.approx(0.45 * math.log(2) + 1.0 * math.log(4), rel=1e-12)
+    summed = matching_loss(log_p, match12, match21, valid, valid, 1.0, 1.0, normalisation="sum")
+    assert summed.item() == pytest.approx(10 * math.log(2) + 380 * math.log(4), rel=1e-12)
+    with pytest.raises(ValueError, match="normalisation"):
+        matching_loss(log_p, match12, match21, valid, valid, normalisation="mean")
 
 
 def test_matching_loss_hand_computed_value():
@@ -494,7 +572,9 @@ def test_matching_loss_hand_computed_value():
     match21 = torch.tensor([[0, -1]])
     valid = torch.ones(1, 2, dtype=torch.bool)
     got = matching_loss(log_p, match12, match21, valid, valid, 0.45, 1.0)
-    expected = -(0.45 * math.log(0.5) + math.log(0.5) + math.log(0.6)) / 3
+    # the matched group holds log P_00 = log 0.5; the dustbin group log P_{1,dustbin} = log 0.5 and
+    # log P_{dustbin,1} = log 0.6
+    expected = -0.45 * math.log(0.5) - (math.log(0.5) + math.log(0.6)) / 2
     assert got.item() == pytest.approx(expected, rel=1e-12)
 
 
@@ -521,8 +601,9 @@ def test_matching_loss_clamps_and_handles_empty_samples():
     valid1 = torch.tensor([[1, 1, 0], [0, 0, 0], [0, 0, 0]], dtype=torch.bool)
     valid2 = torch.tensor([[1, 0, 0], [0, 0, 0], [0, 0, 0]], dtype=torch.bool)
     loss = matching_loss(log_p, match12, match21, valid1, valid2, 0.45, 1.0, -100.0)
-    # sample 0 only: terms 0.45 * (-100) and 1.0 * (-100); samples 1 and 2 have no terms
-    assert loss.item() == pytest.approx(-(0.45 * -100 + -100) / 2)
+    # sample 0 only: one matched and one dustbin term, each clamped to -100; samples 1 and 2 have no
+    # terms and count 0 in both means over the three samples
+    assert loss.item() == pytest.approx((0.45 * 100 + 100) / 3)
     loss.backward()
     assert torch.isfinite(log_p.grad).all() and (log_p.grad == 0).all()  # clamped: no gradient
     none = torch.zeros(3, 3, dtype=torch.bool)
@@ -608,9 +689,11 @@ def test_local_contrastive_matches_loop_reference(generator):
         match12, _, valid1, valid2 = random_matches(batch, m, n, generator)
         desc1 = torch.randn(batch, m, dim, generator=generator, dtype=DOUBLE)
         desc2 = torch.randn(batch, n, dim, generator=generator, dtype=DOUBLE)
-        got = local_contrastive_loss(desc1, desc2, match12, valid1, valid2, 0.2)
+        got = local_contrastive_loss(desc1, desc2, match12, valid1, valid2, 0.2, base_temperature=0.2)
         expected = reference_local_contrastive(desc1, desc2, match12, valid1, valid2, 0.2)
         assert got.item() == pytest.approx(expected, rel=1e-10, abs=1e-12)
+        scaled = local_contrastive_loss(desc1, desc2, match12, valid1, valid2, 0.2)  # authors' factor
+        assert scaled.item() == pytest.approx(expected * 0.2 / 0.07, rel=1e-10, abs=1e-12)
 
 
 def test_local_contrastive_never_treats_unmatched_as_positive():
@@ -621,7 +704,7 @@ def test_local_contrastive_never_treats_unmatched_as_positive():
     match12 = torch.tensor([[0, -1]])
     valid = torch.ones(1, 2, dtype=torch.bool)
     tau = 0.5
-    got = local_contrastive_loss(desc1, desc2, match12, valid, valid, tau)
+    got = local_contrastive_loss(desc1, desc2, match12, valid, valid, tau, tau)
     # two anchors (0 of each image), positive similarity 1, negatives similarity 0 (two of them)
     expected = math.log(1 + 2 * math.exp(-1 / tau))
     assert got.item() == pytest.approx(expected, rel=1e-12)

@@ -25,9 +25,33 @@ def test_paper_presets_hold_the_spec_numbers():
     assert (acdc.pretrain.lr, acdc.pretrain.epochs, acdc.pretrain.batch_size) == (0.002, 51, 32)
     assert (acdc.finetune.lr, acdc.finetune.lr_min, acdc.finetune.epochs) == (5e-4, 5e-5, 201)
     assert (chd.finetune.lr, chd.finetune.lr_min, chd.finetune.epochs) == (5e-5, 5e-6, 101)
-    assert acdc.splits.labeled[-1] == 80 and chd.splits.labeled[-1] == 51
     assert (acdc.splits.fold_seed, acdc.splits.subset_seed) == (12345, 1234)
     assert acdc.finetune.selection == "validation"
+    assert (acdc.pretrain.temperature, acdc.pretrain.base_temperature) == (0.1, 0.07)
+    assert acdc.pretrain.matching_normalisation == "authors"
+    authors_acdc, authors_chd = preset("paper_acdc_authors"), preset("paper_chd_authors")
+    assert authors_acdc.splits.labeled == (2, 6, 10, 15, 20, 30, 80)
+    assert authors_chd.splits.labeled == (2, 6, 10, 15, 20, 30, 51)
+    assert authors_acdc.finetune.selection == "test_fold" and authors_acdc.splits.validation_fraction == 0
+    assert authors_acdc.model == acdc.model and authors_chd.data == chd.data
+
+
+# patients each preset is made for: ACDC 100, CHD 68, the built-in synthetic data 20
+PRESET_PATIENTS = {"tiny": 20, "colab": 20, "paper_acdc": 100, "paper_acdc_authors": 100, "paper_chd": 68,
+                   "paper_chd_authors": 68}
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_budget_is_runnable(name):
+    from kpssl.data.splits import fold_split, labelled_subset
+
+    settings = preset(name)
+    patients = [f"patient{i:03d}" for i in range(1, PRESET_PATIENTS[name] + 1)]
+    for fold in range(settings.splits.folds):
+        split = fold_split(patients, fold, settings.splits)
+        assert bool(split.validation) == (settings.finetune.selection == "validation")
+        for m in settings.splits.labeled:
+            assert len(labelled_subset(split, m, settings.splits.subset_seed)) == m
 
 
 def test_presets_are_fresh_copies():

@@ -18,7 +18,7 @@ from kpssl.train import common
 from kpssl.train.common import NonFiniteLossError, load_checkpoint
 from kpssl.train.experiment import collect_table, run_experiment
 from kpssl.train.finetune import finetune, load_encoder
-from kpssl.train.networks import PretrainNetwork, segmentation_model
+from kpssl.train.networks import VIEWS, PretrainNetwork, segmentation_model
 from kpssl.train.pretrain import pretrain
 
 
@@ -59,10 +59,10 @@ def test_steps_on_a_fixed_batch_decrease_the_loss(data, method):
     settings = small_settings()
     torch.manual_seed(0)
     volumes = load_volumes(data, settings.data, labels=False)
-    dataset = PairDataset(volumes, settings, None, seed=0)
+    dataset = PairDataset(volumes, settings, None, seed=0, views=VIEWS[method])
     batch = collate_pairs([dataset[i] for i in range(0, 24, 3)])
     network = PretrainNetwork(method, settings.model, settings.pretrain)
-    optimiser = torch.optim.SGD(network.parameters(), lr=0.05, momentum=0.9)
+    optimiser = torch.optim.SGD(network.parameters(), lr=0.01, momentum=0.9)
     losses = []
     for _ in range(6):
         loss, terms = network(batch)
@@ -73,6 +73,49 @@ def test_steps_on_a_fixed_batch_decrease_the_loss(data, method):
     assert losses[-1] < losses[0]
     if method == "kaf":
         assert set(terms) == {"pcl", "global", "local", "total"}
+
+
+def test_each_view_is_encoded_in_its_own_pass(data):
+    """BatchNorm never normalises a view together with its positive: in training mode, what the heads
+    see of view 1 does not depend on view 2 at all (one joint batch would mix their statistics)."""
+    from kpssl.data.slices import load_volumes
+    from kpssl.keypoints import PairDataset, collate_pairs
+
+    settings = small_settings()
+    volumes = load_volumes(data, settings.data, labels=False)
+    batch = collate_pairs([PairDataset(volumes, settings, None, seed=0)[i] for i in range(0, 24, 3)])
+    torch.manual_seed(0)
+    network = PretrainNetwork("kaf", settings.model, settings.pretrain).train()
+    seen = []
+    network.projection.register_forward_hook(lambda module, inputs, output: seen.append(output.detach()))
+    network.keypoint_head.project.register_forward_hook(lambda module, inputs, output: seen.append(output.detach()))
+    network(batch)
+    changed = dict(batch, view2=batch["view2"].flip(-1) * 2 + 1)
+    network(changed)
+    bottleneck1, bottleneck2, keypoints1, keypoints2 = seen[:4]
+    assert bottleneck1.shape[0] == batch["view1"].shape[0]  # one view per call, not both
+    assert torch.equal(seen[4], bottleneck1) and torch.equal(seen[6], keypoints1)  # view 1: unchanged
+    assert not torch.equal(seen[5], bottleneck2)  # view 2 itself did change
+
+
+@pytest.mark.parametrize("method, views", [("kaf", "neighbour"), ("pcl", "same"), ("gcl", "same"),
+                                           ("simclr", "same")])
+def test_pretraining_uses_each_methods_views(data, tmp_path, monkeypatch, method, views):
+    import kpssl.train.pretrain as module
+
+    made = []
+    original = module.PairDataset
+
+    def recording(*args, **kwargs):
+        dataset = original(*args, **kwargs)
+        made.append(dataset)
+        return dataset
+
+    monkeypatch.setattr(module, "PairDataset", recording)
+    pretrain(small_settings(), data, method, tmp_path / method, max_steps=1, progress=False)
+    assert [d.views for d in made] == [views]
+    item = made[0][5]
+    assert (int(item["neighbour"]) == int(item["slice"])) == (views == "same")
 
 
 def test_pretrain_writes_log_checkpoint_encoder(data, tmp_path):

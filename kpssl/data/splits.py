@@ -1,15 +1,32 @@
 """Patient-level folds, validation splits and label budgets (the paper's experimental protocol).
 
 All splits are over *patients*, never slices or frames, so no patient's anatomy is seen in training and
-testing at once. The authors select the best epoch on the test fold; here a validation split is carved
-from the training patients instead, and the M labelled patients are drawn from the rest.
+testing at once.
 
-Label budgets are nested: the M = 2 patients are among the M = 6 patients of the same fold, so a curve
-over M compares like with like.
+The test folds and the labelled patients are the authors' exactly, so users with the real ACDC (or
+CHD) data test on the paper's folds:
+
+* folds: scikit-learn's ``KFold(n_splits=5, shuffle=True, random_state=12345)`` over the patients in
+  sorted order (ACDC: patients 1..100; CHD: the sorted case numbers). ``KFold`` shuffles the indices
+  once with numpy's legacy ``RandomState(seed).shuffle`` and cuts them into consecutive folds, the
+  first ``n % folds`` one patient larger; :func:`patient_folds` does the same with numpy alone.
+* labelled patients: the authors call ``random.seed(1234); random.sample(train_keys, M)`` on the
+  training patients in sorted order; :func:`labelled_subset` calls Python's ``random.Random(seed).sample``.
+
+The authors select the best epoch on the test fold. Here, by default, a validation split is carved from
+the training patients first (``SplitSettings.validation_fraction``) and the M labelled patients are
+drawn from the rest; with ``validation_fraction = 0`` (the ``*_authors`` presets) the pool is the whole
+training fold and the draw is the authors' own.
+
+Python's ``sample`` takes a prefix of one sequence of draws for pools of at most 21 patients, so there
+the budgets are nested (the M = 1 patient is among the M = 2 patients); for larger pools it switches
+method with M, and the authors' draws for different M are not nested.
 """
 
 from __future__ import annotations
 
+import random
+import re
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -30,15 +47,30 @@ class FoldSplit:
     test: tuple[str, ...]
 
 
+def _natural_key(name: str) -> tuple:
+    """``"case10"`` after ``"case9"``: digit runs compare as numbers (the authors' numeric order)."""
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name))
+
+
 def patient_folds(patients: Sequence[str], folds: int, seed: int) -> list[tuple[str, ...]]:
-    """Shuffle the (sorted, de-duplicated) patients with ``seed`` and cut them into ``folds`` test folds."""
-    unique = sorted(set(patients))
+    """The test folds of ``KFold(folds, shuffle=True, random_state=seed)`` over the sorted patients.
+
+    Patients are de-duplicated and sorted by their numbers (``patient001`` .. ``patient100``); the
+    sorted indices are shuffled by ``np.random.RandomState(seed).shuffle`` and cut into consecutive
+    folds of sizes ``n // folds + 1`` (the first ``n % folds``) and ``n // folds``, as scikit-learn's
+    ``KFold`` does. Each fold is returned in sorted order.
+    """
+    unique = sorted(set(patients), key=_natural_key)
     if folds < 2:
         raise ValueError(f"need at least 2 folds, got {folds}")
     if len(unique) < folds:
         raise ValueError(f"{len(unique)} patients cannot make {folds} folds")
-    order = np.random.default_rng(seed).permutation(len(unique))
-    return [tuple(unique[i] for i in sorted(part)) for part in np.array_split(order, folds)]
+    order = np.arange(len(unique))
+    np.random.RandomState(seed).shuffle(order)  # the legacy generator, as scikit-learn's KFold
+    sizes = np.full(folds, len(unique) // folds)
+    sizes[: len(unique) % folds] += 1
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    return [tuple(unique[i] for i in sorted(order[a:b])) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def fold_split(patients: Sequence[str], fold: int, settings: SplitSettings) -> FoldSplit:
@@ -47,24 +79,28 @@ def fold_split(patients: Sequence[str], fold: int, settings: SplitSettings) -> F
     if not 0 <= fold < settings.folds:
         raise ValueError(f"fold {fold} does not exist; folds are 0 .. {settings.folds - 1}")
     test = test_folds[fold]
-    rest = sorted(set(patients) - set(test))
+    rest = sorted(set(patients) - set(test), key=_natural_key)
     order = np.random.default_rng([settings.fold_seed, fold]).permutation(len(rest))
     n_validation = int(round(settings.validation_fraction * len(rest)))
     if settings.validation_fraction > 0:
         n_validation = max(1, n_validation)
     if n_validation >= len(rest):
         raise ValueError(f"fold {fold}: {len(rest)} training patients leave none after {n_validation} for validation")
-    validation = tuple(sorted(rest[i] for i in order[:n_validation]))
-    train = tuple(sorted(rest[i] for i in order[n_validation:]))
+    validation = tuple(sorted((rest[i] for i in order[:n_validation]), key=_natural_key))
+    train = tuple(sorted((rest[i] for i in order[n_validation:]), key=_natural_key))
     return FoldSplit(fold, train, validation, test)
 
 
 def labelled_subset(split: FoldSplit, labelled: int, seed: int) -> tuple[str, ...]:
-    """``labelled`` patients drawn from the fold's training pool; nested across budgets for one seed."""
+    """``labelled`` patients of the fold's training pool: ``random.Random(seed).sample(pool, M)``.
+
+    The authors' draw (``random.seed(1234); random.sample(train_keys, M)``) on the pool in sorted order;
+    returned sorted. The same for every fold, as the authors' seed is.
+    """
     if labelled < 1:
         raise ValueError(f"the label budget M must be at least 1, got {labelled}")
     if labelled > len(split.train):
         raise ValueError(f"M = {labelled} labelled patients requested but fold {split.fold} has only "
                          f"{len(split.train)} training patients")
-    order = np.random.default_rng([seed, split.fold]).permutation(len(split.train))
-    return tuple(sorted(split.train[i] for i in order[:labelled]))
+    drawn = random.Random(seed).sample(list(split.train), labelled)
+    return tuple(sorted(drawn, key=_natural_key))

@@ -145,9 +145,9 @@ def neighbour_slice(index: int, slices: int, rule: str, fraction: float, rng: np
     """The partner slice of ``index`` for a pretraining pair (the paper's keypoints and correspondences).
 
     ``"adjacent"`` (ACDC): ``index +- 1`` with equal chance; at a volume end, the only neighbour.
-    ``"fraction"`` (CHD): offset ``int(fraction * U(-1, 1) * slices)``, redrawn while it is 0 or clipping
-    into the volume brings it back to ``index``. Where ``fraction * slices <= 1`` no such offset exists and
-    the adjacent rule is used. A single-slice volume pairs its slice with itself (the two views then
+    ``"fraction"`` (CHD): offset ``int(fraction * U(-1, 1) * slices)``, redrawn while it is 0 or leads
+    outside the volume (as the authors do; clipping to the end slice would favour it). Where
+    ``fraction * slices <= 1`` no such offset exists and the adjacent rule is used. A single-slice volume pairs its slice with itself (the two views then
     differ only by augmentation, and every keypoint matches itself).
     """
     if not 0 <= index < slices:
@@ -164,9 +164,8 @@ def neighbour_slice(index: int, slices: int, rule: str, fraction: float, rng: np
         return index + (1 if rng.random() < 0.5 else -1)
     while True:
         offset = int(fraction * rng.uniform(-1.0, 1.0) * slices)
-        partner = min(max(index + offset, 0), slices - 1)
-        if offset != 0 and partner != index:
-            return partner
+        if offset != 0 and 0 <= index + offset < slices:
+            return index + offset
 
 
 def neighbour_pairs(slices: int, rule: str, fraction: float) -> np.ndarray:

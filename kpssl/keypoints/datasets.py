@@ -31,7 +31,7 @@ from .cache import KeypointCache, VolumeKeypoints
 from .correspond import neighbour_slice, restrict_matches
 
 __all__ = ["pad_keypoints", "pad_matches", "pair_views", "collate_keypoints", "collate_pairs", "collate_labelled",
-           "PairDataset", "LabelledKeypointSlices"]
+           "PairDataset", "PAIR_VIEWS", "LabelledKeypointSlices"]
 
 # Keys holding one entry per keypoint slot, and their padding values.
 _PER_KEYPOINT = {"keypoints": 0.0, "keypoints1": 0.0, "keypoints2": 0.0, "valid": False, "valid1": False,
@@ -172,8 +172,16 @@ class _KeypointSlices(Dataset):
         }
 
 
+PAIR_VIEWS = ("neighbour", "same")
+
+
 class PairDataset(_KeypointSlices):
-    """Pretraining pairs: slice ``i`` and a neighbouring slice, each with its own crop and augmentation.
+    """Pretraining pairs: two views of slice ``i``, each with its own crop and augmentation.
+
+    ``views="neighbour"`` (KAF): view 2 is a neighbouring slice, so the keypoint correspondences
+    between two slices teach the matching loss. ``views="same"`` (SimCLR, GCL, PCL, as in their papers):
+    both views come from slice ``i`` itself, two independent augmentations (every keypoint then matches
+    itself).
 
     Item ``i`` (slice ``i`` of :func:`kpssl.data.slice_index`): ``view1, view2 (1, P, P)``,
     ``keypoints1/2 (K, 2)``, ``valid1/2 (K,)``, ``match12, match21 (K,)`` (from the ORIGINAL keypoints,
@@ -187,6 +195,7 @@ class PairDataset(_KeypointSlices):
         cache: a :class:`KeypointCache` (its settings, if any, must agree), the data set's folder (the
             cache lives in ``folder/.kpssl_cache``), or None (computed in memory, nothing written).
         seed: base seed of the per-item generators ``default_rng([seed, epoch, item])``.
+        views: ``"neighbour"`` or ``"same"``, see above.
 
     Example::
 
@@ -198,8 +207,11 @@ class PairDataset(_KeypointSlices):
     """
 
     def __init__(self, volumes: Sequence[PreparedVolume], settings: Settings,
-                 cache: KeypointCache | str | Path | None = None, seed: int = 0):
+                 cache: KeypointCache | str | Path | None = None, seed: int = 0, views: str = "neighbour"):
+        if views not in PAIR_VIEWS:
+            raise ValueError(f"unknown views {views!r}; expected one of {', '.join(PAIR_VIEWS)}")
         super().__init__(volumes, settings, cache, seed)
+        self.views = views
 
     def __getitem__(self, item: int) -> dict[str, torch.Tensor]:
         if not 0 <= item < len(self):
@@ -207,7 +219,10 @@ class PairDataset(_KeypointSlices):
         v, z = (int(i) for i in self.index[item])
         volume, data = self.volumes[v], self.settings.data
         rng = self.generator(item)
-        partner = neighbour_slice(z, volume.slices, data.neighbour_rule, data.neighbour_fraction, rng)
+        if self.views == "same":
+            partner = z
+        else:
+            partner = neighbour_slice(z, volume.slices, data.neighbour_rule, data.neighbour_fraction, rng)
         keypoints = self.volume_keypoints(v)
         fill = self.fill(v)
         out = pair_views(volume.image[z], keypoints.slices[z].points, volume.image[partner],

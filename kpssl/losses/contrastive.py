@@ -6,7 +6,11 @@ with positives ``P(i)`` and cosine similarity ``s``::
 
     L_i = -1/|P(i)| * sum_{j in P(i)} log( exp(s_ij / tau) / sum_{k != i} exp(s_ik / tau) )
 
-and the loss is the mean of ``L_i`` over the anchors. Three rules say who is a positive
+and the loss is the mean of ``L_i`` over the anchors, times ``tau / base_tau``. That factor is not
+in Eq. 1 as printed: the authors' code (like the supervised-contrastive reference implementation of
+Khosla et al., 2020) multiplies the loss by ``tau / base_tau`` with ``base_tau = 0.07``, i.e. by 1.43
+at ``tau = 0.1``, and the weights of Eq. 3 were tuned with it; ``base_temperature=temperature`` gives
+Eq. 1 exactly. Three rules say who is a positive
 (:func:`positive_mask`):
 
 ``simclr``  only the other view of the same sample (Chen et al., 2020);
@@ -160,25 +164,31 @@ def masked_supervised_contrastive(
     return loss, anchor
 
 
-def supervised_contrastive_loss(z: Tensor, positives: Tensor, temperature: float = 0.1) -> Tensor:
+def supervised_contrastive_loss(
+    z: Tensor, positives: Tensor, temperature: float = 0.1, base_temperature: float = 0.07
+) -> Tensor:
     """Eq. 1: mean over anchors of the supervised-contrastive loss with cosine similarity.
 
     Args:
         z: ``(2N, D)`` embeddings of all views (any float dtype; computed in float32, or float64).
         positives: ``(2N, 2N)`` bool from :func:`positive_mask` (the diagonal is ignored).
         temperature: ``tau > 0`` (paper: 0.1).
+        base_temperature: the loss is multiplied by ``tau / base_tau`` (authors: 0.07; pass
+            ``temperature`` for Eq. 1 as printed).
 
     Returns:
-        Scalar: mean of ``L_i`` over anchors with at least one positive; ``0`` (still attached to
-        ``z``) when no anchor has one.
+        Scalar: ``tau / base_tau`` times the mean of ``L_i`` over anchors with at least one positive;
+        ``0`` (still attached to ``z``) when no anchor has one.
     """
     if z.dim() != 2:
         raise ValueError(f"z must have shape (2N, D), got {tuple(z.shape)}")
     if positives.shape != (z.shape[0], z.shape[0]):
         raise ValueError(f"positives must have shape {(z.shape[0], z.shape[0])}, got {tuple(positives.shape)}")
+    if not base_temperature > 0:
+        raise ValueError(f"base_temperature must be > 0, got {base_temperature}")
     members = torch.ones(1, z.shape[0], dtype=torch.bool, device=z.device)
     loss, anchor = masked_supervised_contrastive(z[None], positives[None].bool(), members, temperature)
-    return loss.sum() / anchor.sum().clamp(min=1)
+    return (temperature / base_temperature) * loss.sum() / anchor.sum().clamp(min=1)
 
 
 def contrastive_loss(
@@ -189,13 +199,15 @@ def contrastive_loss(
     rule: str = "pcl",
     temperature: float = 0.1,
     threshold: float = 0.35,
+    base_temperature: float = 0.07,
 ) -> Tensor:
     """Eq. 1 from the two views' embeddings: builds the positive mask and calls the loss.
 
     Args:
         z1, z2: ``(N, D)`` embeddings of view 1 and view 2 of each sample.
         positions: ``(N,)`` slice positions (``"pcl"``); partitions: ``(N,)`` partitions (``"gcl"``).
-        rule, temperature, threshold: see :func:`positive_mask` and :func:`supervised_contrastive_loss`.
+        rule, temperature, threshold, base_temperature: see :func:`positive_mask` and
+            :func:`supervised_contrastive_loss`.
 
     Returns:
         Scalar loss.
@@ -206,13 +218,16 @@ def contrastive_loss(
         if values is not None and values.shape != (z1.shape[0],):
             raise ValueError(f"{name} must have shape ({z1.shape[0]},), got {tuple(values.shape)}")
     positives = positive_mask(rule, positions, partitions, threshold)
-    return supervised_contrastive_loss(torch.cat([z1, z2], dim=0), positives.to(z1.device), temperature)
+    return supervised_contrastive_loss(torch.cat([z1, z2], dim=0), positives.to(z1.device), temperature,
+                                       base_temperature)
 
 
 class ContrastiveLoss(nn.Module):
     """Eq. 1 as a module holding the rule, temperature and threshold (no parameters)."""
 
-    def __init__(self, rule: str = "pcl", temperature: float = 0.1, threshold: float = 0.35) -> None:
+    def __init__(
+        self, rule: str = "pcl", temperature: float = 0.1, threshold: float = 0.35, base_temperature: float = 0.07
+    ) -> None:
         super().__init__()
         if rule not in RULES:
             raise ValueError(f"unknown positive rule {rule!r}; expected one of {', '.join(RULES)}")
@@ -221,17 +236,21 @@ class ContrastiveLoss(nn.Module):
         self.rule = rule
         self.temperature = float(temperature)
         self.threshold = float(threshold)
+        self.base_temperature = float(base_temperature)
 
     @classmethod
     def from_settings(cls, settings: PretrainSettings, rule: str = "pcl") -> "ContrastiveLoss":
-        """Build from :class:`kpssl.settings.PretrainSettings` (``temperature``, ``pcl_threshold``)."""
-        return cls(rule=rule, temperature=settings.temperature, threshold=settings.pcl_threshold)
+        """Build from :class:`kpssl.settings.PretrainSettings` (temperatures, ``pcl_threshold``)."""
+        return cls(rule=rule, temperature=settings.temperature, threshold=settings.pcl_threshold,
+                   base_temperature=settings.base_temperature)
 
     def forward(
         self, z1: Tensor, z2: Tensor, positions: Tensor | None = None, partitions: Tensor | None = None
     ) -> Tensor:
         """``z1, z2 (N, D)``, ``positions (N,)``, ``partitions (N,)`` -> scalar."""
-        return contrastive_loss(z1, z2, positions, partitions, self.rule, self.temperature, self.threshold)
+        return contrastive_loss(z1, z2, positions, partitions, self.rule, self.temperature, self.threshold,
+                                self.base_temperature)
 
     def extra_repr(self) -> str:
-        return f"rule={self.rule!r}, temperature={self.temperature}, threshold={self.threshold}"
+        return (f"rule={self.rule!r}, temperature={self.temperature}, threshold={self.threshold}, "
+                f"base_temperature={self.base_temperature}")

@@ -8,8 +8,11 @@ The pipeline (after SuperGlue, Sarlin et al., CVPR 2020, as used by Yang et al.,
    giving the log-assignment ``log P (B, M+1, N+1)``;
 3. :func:`matching_loss` is the negative log-likelihood of the known correspondences under ``P``::
 
-       L_local = - sum_{(a,b) matched} w_m log P_ab
-                 - sum_{a unmatched} w_u log P_{a,dustbin} - sum_{b unmatched} w_u log P_{dustbin,b}
+       L_local = - sum_{(a,b) matched} log P_ab
+                 - sum_{a unmatched} log P_{a,dustbin} - sum_{b unmatched} log P_{dustbin,b}
+
+   normalised as in the authors' code by default: the matched terms and the dustbin terms are each
+   averaged per sample, then over the batch, and weighted 0.45 and 1.0 (the plain sum is an option).
 
 The authors' code adds an optional term, :func:`local_contrastive_loss`: a supervised-contrastive
 loss between the keypoint embeddings of the two slices with matched pairs as positives (not in the
@@ -38,6 +41,7 @@ __all__ = [
     "log_sinkhorn",
     "matched_pairs",
     "matching_loss",
+    "NORMALISATIONS",
     "local_contrastive_loss",
     "MatchingOutput",
     "MatchingLoss",
@@ -142,13 +146,15 @@ def log_sinkhorn(
         return log_p.masked_fill(~live, float("-inf"))
 
 
-def _check_matches(match: Tensor, shape: tuple[int, int], other: int, name: str) -> Tensor:
+def _check_matches(match: Tensor, shape: tuple[int, int], other: int, name: str, values: bool = True) -> Tensor:
+    """Check shape and dtype (free) and, with ``values``, the range ``[-1, other - 1]`` (this reads the
+    tensor on the host: a synchronisation on a GPU and a graph break under ``torch.compile``)."""
     if match.shape != shape:
         raise ValueError(f"{name} must have shape {shape}, got {tuple(match.shape)}")
     if match.dtype.is_floating_point or match.dtype == torch.bool or match.is_complex():
         raise ValueError(f"{name} must be an integer tensor (int64), got {match.dtype}")
     match = match.long()
-    if match.numel() and bool(((match < -1) | (match >= other)).any()):
+    if values and match.numel() and bool(((match < -1) | (match >= other)).any()):
         bad = match[(match < -1) | (match >= other)][0].item()
         raise ValueError(f"{name} entries must lie in [-1, {other - 1}], got {bad}")
     return match
@@ -174,8 +180,11 @@ def matched_pairs(
     Args:
         match12: ``(B, M)`` int, partner in image 2 or ``-1``; match21: ``(B, N)`` likewise.
         valid1: ``(B, M)`` bool; valid2: ``(B, N)`` bool.
-        check_consistency: raise ``ValueError`` unless every usable match is mutual
-            (``match21[match12[a]] == a`` and ``match12[match21[b]] == b``).
+        check_consistency: raise ``ValueError`` unless every entry lies in ``[-1, size - 1]`` and every
+            usable match is mutual (``match21[match12[a]] == a`` and ``match12[match21[b]] == b``).
+            These checks read the values on the host (a GPU synchronisation, a ``torch.compile`` graph
+            break); ``False`` skips them for data checked where it was made
+            (:func:`kpssl.keypoints.check_pair_batch`), leaving only the free shape and dtype checks.
 
     Returns:
         ``paired1 (B, M)`` and ``paired2 (B, N)`` bool: valid and matched to a valid keypoint. A valid
@@ -187,8 +196,8 @@ def matched_pairs(
     n = valid2.shape[1]
     valid1 = _check_valid(valid1, (b, m), "valid1", valid1.device)
     valid2 = _check_valid(valid2, (b, n), "valid2", valid2.device)
-    match12 = _check_matches(match12, (b, m), n, "match12")
-    match21 = _check_matches(match21, (b, n), m, "match21")
+    match12 = _check_matches(match12, (b, m), n, "match12", check_consistency)
+    match21 = _check_matches(match21, (b, n), m, "match21", check_consistency)
     paired1 = valid1 & _partner_valid(match12, valid2)  # (B, M)
     paired2 = valid2 & _partner_valid(match21, valid1)  # (B, N)
     if check_consistency and (m > 0 and n > 0):
@@ -206,6 +215,9 @@ def matched_pairs(
     return paired1, paired2
 
 
+NORMALISATIONS = ("authors", "sum")
+
+
 def matching_loss(
     log_p: Tensor,
     match12: Tensor,
@@ -216,20 +228,30 @@ def matching_loss(
     unmatched_weight: float = 1.0,
     log_clamp: float = -100.0,
     check_consistency: bool = True,
+    normalisation: str = "authors",
 ) -> Tensor:
     """Eq. 2: negative log-likelihood of the correspondences under the log-assignment.
 
-    For each sample::
+    ``log P`` is clamped to ``[log_clamp, 0]``. A pair counts only when both keypoints are valid; a
+    valid keypoint whose partner is padded is unmatched. Per sample ``s`` there are two groups of
+    terms, the matched pairs ``-log P_ab`` and the dustbin terms ``-log P_{a,dustbin}``,
+    ``-log P_{dustbin,b}`` of the valid unmatched keypoints of both images.
 
-        L_s = -( w_m sum_{(a,b) matched} log P_ab + w_u sum_{a unmatched} log P_{a,dustbin}
-                 + w_u sum_{b unmatched} log P_{dustbin,b} ) / T_s
+    ``normalisation="authors"`` (default; the authors' code, which produced the paper's numbers)::
 
-    with ``log P`` clamped to ``[log_clamp, 0]`` and ``T_s`` the number of terms (matched pairs plus
-    unmatched valid keypoints of both images; the weights do not enter the normaliser), as in the
-    authors' mean over a sample's terms. A pair counts only when both keypoints are valid; a valid
-    keypoint whose partner is padded is unmatched. The loss is the mean of ``L_s`` over the samples
-    with ``T_s > 0``; samples without terms (no valid keypoints) are left out, and a batch without any
-    term gives ``0`` (attached to ``log_p``, no NaN).
+        L = w_m * mean_s( mean of the matched terms of s )
+            + w_u * mean_s( mean of the dustbin terms of s )
+
+    where both outer means run over all ``B`` samples and a sample without matched (or without
+    dustbin) terms contributes 0 to that mean. Each group is normalised by its own size, so the
+    handful of matched pairs weighs as much as the many dustbin terms.
+
+    ``normalisation="sum"`` (Eq. 2 as printed, with the weights on its two groups)::
+
+        L = mean_s( w_m * sum of the matched terms of s + w_u * sum of the dustbin terms of s )
+
+    With ``w_m = w_u = 1`` this is the paper's plain sum, averaged over the batch. A batch without
+    any term gives ``0`` (attached to ``log_p``, no NaN) under both.
 
     Args:
         log_p: ``(B, M+1, N+1)`` from :func:`log_sinkhorn`.
@@ -238,10 +260,13 @@ def matching_loss(
         matched_weight: ``w_m`` (authors: 0.45); unmatched_weight: ``w_u`` (authors: 1.0).
         log_clamp: lower clamp of ``log P`` (authors: -100).
         check_consistency: see :func:`matched_pairs`.
+        normalisation: ``"authors"`` or ``"sum"``, see above.
 
     Returns:
         Scalar loss.
     """
+    if normalisation not in NORMALISATIONS:
+        raise ValueError(f"unknown normalisation {normalisation!r}; expected one of {', '.join(NORMALISATIONS)}")
     if log_p.dim() != 3:
         raise ValueError(f"log_p must have shape (B, M+1, N+1), got {tuple(log_p.shape)}")
     b, m, n = log_p.shape[0], log_p.shape[1] - 1, log_p.shape[2] - 1
@@ -263,16 +288,23 @@ def matching_loss(
     if n > 0:
         partner = match12.long().clamp(min=0)  # (B, M) -1 read as 0, masked by paired1
         matched = clamped[:, :m, :n].gather(2, partner[:, :, None]).squeeze(2)  # (B, M) log P_{a, match12[a]}
-        matched_sum = torch.where(paired1, matched, zero).sum(dim=1)  # (B,)
+        matched_sum = -torch.where(paired1, matched, zero).sum(dim=1)  # (B,)
     else:
         matched_sum = clamped.new_zeros(b)
-    dustbin1 = torch.where(unmatched1, clamped[:, :m, n], zero).sum(dim=1)  # (B,) sum log P_{a, dustbin}
-    dustbin2 = torch.where(unmatched2, clamped[:, m, :n], zero).sum(dim=1)  # (B,) sum log P_{dustbin, b}
+    dustbin_sum = -(
+        torch.where(unmatched1, clamped[:, :m, n], zero).sum(dim=1)  # (B,) sum log P_{a, dustbin}
+        + torch.where(unmatched2, clamped[:, m, :n], zero).sum(dim=1)  # (B,) sum log P_{dustbin, b}
+    )  # (B,)
 
-    weighted = matched_weight * matched_sum + unmatched_weight * (dustbin1 + dustbin2)  # (B,)
-    terms = paired1.sum(dim=1) + unmatched1.sum(dim=1) + unmatched2.sum(dim=1)  # (B,) T_s
-    per_sample = -weighted / terms.clamp(min=1).to(weighted.dtype)  # (B,) 0 where T_s = 0
-    return per_sample.sum() / (terms > 0).sum().clamp(min=1).to(weighted.dtype)
+    if b == 0:
+        return clamped.sum()  # 0, attached
+    if normalisation == "sum":
+        return (matched_weight * matched_sum + unmatched_weight * dustbin_sum).mean()
+    matched_count = paired1.sum(dim=1).clamp(min=1).to(clamped.dtype)  # (B,) 1 where empty: its sum is 0
+    dustbin_count = (unmatched1.sum(dim=1) + unmatched2.sum(dim=1)).clamp(min=1).to(clamped.dtype)  # (B,)
+    matched_mean = (matched_sum / matched_count).mean()  # mean over all B samples
+    dustbin_mean = (dustbin_sum / dustbin_count).mean()
+    return matched_weight * matched_mean + unmatched_weight * dustbin_mean
 
 
 def local_contrastive_loss(
@@ -282,6 +314,7 @@ def local_contrastive_loss(
     valid1: Tensor,
     valid2: Tensor,
     temperature: float = 0.1,
+    base_temperature: float = 0.07,
 ) -> Tensor:
     """Optional fourth term (authors' code, not in the paper): contrast matched keypoint embeddings.
 
@@ -290,17 +323,20 @@ def local_contrastive_loss(
     Every other valid keypoint of the sample (either image) is a negative. The per-anchor loss is
     Eq. 1's ``L_i`` (cosine similarity, temperature ``tau``); anchors are the matched keypoints only
     (an unmatched keypoint is never anyone's positive, only a negative). The loss is the mean over a
-    sample's anchors, then over the samples that have anchors (``0`` if none).
+    sample's anchors, then over the samples that have anchors (``0`` if none), times
+    ``tau / base_tau`` as in :func:`kpssl.losses.contrastive.supervised_contrastive_loss`.
 
     Args:
         desc1: ``(B, M, D)`` keypoint embeddings of image 1; desc2: ``(B, N, D)`` of image 2.
         match12: ``(B, M)`` int64 partner in image 2 or ``-1``.
         valid1: ``(B, M)`` bool; valid2: ``(B, N)`` bool.
-        temperature: ``tau > 0``.
+        temperature: ``tau > 0``; base_temperature: ``base_tau > 0`` (authors: 0.07).
 
     Returns:
         Scalar loss.
     """
+    if not base_temperature > 0:
+        raise ValueError(f"base_temperature must be > 0, got {base_temperature}")
     if desc1.dim() != 3 or desc2.dim() != 3 or desc1.shape[0] != desc2.shape[0] or desc1.shape[2] != desc2.shape[2]:
         raise ValueError(f"desc1, desc2 must be (B, M, D), (B, N, D), got {tuple(desc1.shape)}, {tuple(desc2.shape)}")
     b, m, _ = desc1.shape
@@ -325,7 +361,7 @@ def local_contrastive_loss(
     loss, anchor = masked_supervised_contrastive(z, positives, members, temperature)  # (B, M+N) each
     anchors = anchor.sum(dim=1)  # (B,)
     per_sample = loss.sum(dim=1) / anchors.clamp(min=1).to(loss.dtype)  # (B,)
-    return per_sample.sum() / (anchors > 0).sum().clamp(min=1).to(loss.dtype)
+    return (temperature / base_temperature) * per_sample.sum() / (anchors > 0).sum().clamp(min=1).to(loss.dtype)
 
 
 class MatchingOutput(NamedTuple):
@@ -340,6 +376,11 @@ class MatchingLoss(nn.Module):
 
     ``forward(scores, match12, match21, valid1, valid2)`` runs :func:`log_sinkhorn` then
     :func:`matching_loss`. The dustbin is a parameter of this module: give it to the optimiser.
+
+    The attribute ``check_matches`` (default True) checks the match values on every call (see
+    :func:`matched_pairs`); the pretraining loop sets it False, since
+    :func:`kpssl.keypoints.collate_pairs` has checked every batch on the CPU already, so that its step
+    runs without host synchronisations or graph breaks.
     """
 
     def __init__(
@@ -349,8 +390,11 @@ class MatchingLoss(nn.Module):
         matched_weight: float = 0.45,
         unmatched_weight: float = 1.0,
         log_clamp: float = -100.0,
+        normalisation: str = "authors",
     ) -> None:
         super().__init__()
+        if normalisation not in NORMALISATIONS:
+            raise ValueError(f"unknown normalisation {normalisation!r}; expected one of {', '.join(NORMALISATIONS)}")
         if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
             raise ValueError(f"iterations must be an int >= 1, got {iterations!r}")
         if not log_clamp < 0:
@@ -360,6 +404,8 @@ class MatchingLoss(nn.Module):
         self.matched_weight = float(matched_weight)
         self.unmatched_weight = float(unmatched_weight)
         self.log_clamp = float(log_clamp)
+        self.normalisation = normalisation
+        self.check_matches = True
 
     @classmethod
     def from_settings(cls, settings: PretrainSettings) -> "MatchingLoss":
@@ -370,6 +416,7 @@ class MatchingLoss(nn.Module):
             matched_weight=settings.matched_weight,
             unmatched_weight=settings.unmatched_weight,
             log_clamp=settings.log_clamp,
+            normalisation=settings.matching_normalisation,
         )
 
     def log_assignment(self, scores: Tensor, valid1: Tensor | None = None, valid2: Tensor | None = None) -> Tensor:
@@ -382,12 +429,14 @@ class MatchingLoss(nn.Module):
         """``scores (B, M, N)``, matches ``(B, M)``/``(B, N)``, masks -> (scalar loss, ``log P``)."""
         log_p = self.log_assignment(scores, valid1, valid2)
         loss = matching_loss(
-            log_p, match12, match21, valid1, valid2, self.matched_weight, self.unmatched_weight, self.log_clamp
+            log_p, match12, match21, valid1, valid2, self.matched_weight, self.unmatched_weight, self.log_clamp,
+            normalisation=self.normalisation, check_consistency=self.check_matches,
         )
         return MatchingOutput(loss, log_p)
 
     def extra_repr(self) -> str:
         return (
             f"iterations={self.iterations}, matched_weight={self.matched_weight}, "
-            f"unmatched_weight={self.unmatched_weight}, log_clamp={self.log_clamp}"
+            f"unmatched_weight={self.unmatched_weight}, log_clamp={self.log_clamp}, "
+            f"normalisation={self.normalisation!r}"
         )

@@ -145,27 +145,42 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 class EpochOrder:
     """Sample order of each epoch: a permutation drawn from (seed, epoch), cut into per-rank shares.
 
-    Every rank gets ``samples_per_rank`` indices (the permutation is truncated to a multiple of the
-    global batch, so all ranks take the same number of equal steps; dropped samples change every epoch).
+    ``drop_last=True`` (pretraining): the permutation is truncated to a multiple of the global batch, so
+    all ranks take the same number of equal steps (dropped samples change every epoch).
+    ``drop_last=False`` (fine-tuning): the last, partial batch is kept, so every sample is seen in every
+    epoch; with several processes it is padded with the permutation's first samples to a multiple of
+    the number of processes, so every rank still takes the same number of steps.
     ``batches(epoch, start_step)`` skips the steps a resumed run has already done.
     """
 
-    def __init__(self, samples: int, global_batch: int, seed: int, rank: int = 0, world: int = 1):
+    def __init__(self, samples: int, global_batch: int, seed: int, rank: int = 0, world: int = 1,
+                 drop_last: bool = True):
         if global_batch % world:
             raise ValueError(f"the global batch {global_batch} must be divisible by the number of processes {world}")
-        if samples < global_batch:
+        if drop_last and samples < global_batch:
             raise ValueError(f"{samples} samples are fewer than one batch of {global_batch}")
+        if samples < 1:
+            raise ValueError("no samples to train on")
         self.samples, self.global_batch, self.seed, self.rank, self.world = samples, global_batch, seed, rank, world
         self.local_batch = global_batch // world
+        self.drop_last = drop_last
 
     @property
     def steps_per_epoch(self) -> int:
-        return self.samples // self.global_batch
+        if self.drop_last:
+            return self.samples // self.global_batch
+        return -(-self.samples // self.global_batch)
 
     def batches(self, epoch: int, start_step: int = 0) -> Iterator[list[int]]:
         order = np.random.default_rng([self.seed, epoch]).permutation(self.samples)
         for step in range(start_step, self.steps_per_epoch):
             chunk = order[step * self.global_batch:(step + 1) * self.global_batch]
+            if len(chunk) < self.global_batch:  # the last, partial batch (drop_last=False)
+                short = -len(chunk) % self.world
+                chunk = np.concatenate([chunk, order[:short]])  # pad to a multiple of the processes
+                share = len(chunk) // self.world
+                yield chunk[self.rank * share:(self.rank + 1) * share].tolist()
+                continue
             yield chunk[self.rank * self.local_batch:(self.rank + 1) * self.local_batch].tolist()
 
 

@@ -184,7 +184,7 @@ def finetune(
     cache = KeypointCache(Path(data))
     dataset = LabelledKeypointSlices(train_volumes, settings, cache, augment=True)
     batch = min(ft.batch_size, len(dataset))
-    order = EpochOrder(len(dataset), batch, settings.seed, rt.rank, rt.world)
+    order = EpochOrder(len(dataset), batch, settings.seed, rt.rank, rt.world, drop_last=False)
 
     network = segmentation_model(method, settings.model)
     if encoder is not None:

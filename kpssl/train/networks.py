@@ -1,9 +1,14 @@
 """The networks each pretraining method trains, and the loss terms they produce (the paper's Eqs. 1-3).
 
-``kaf``     KAF-UNet encoder; L = w1 L_PCL (bottleneck) + w2 L_global (keypoints) + w3 L_local (Eq. 3).
+``kaf``     KAF-UNet encoder; L = w1 L_PCL (bottleneck) + w2 L_global (keypoints) + w3 L_local (Eq. 3);
+            views: slice i and a neighbouring slice.
 ``pcl``     UNet encoder; Eq. 1 on the bottleneck vector with the PCL rule (Zeng et al., 2021).
 ``gcl``     UNet encoder; Eq. 1 with the GCL rule (same partition; the global part of Chaitanya et al.).
 ``simclr``  UNet encoder; Eq. 1 with the SimCLR rule (the other view only).
+            The three baselines' views are two independent augmentations of the same slice.
+
+Every method encodes each view in its own forward pass, so BatchNorm never normalises a view together
+with its positive (as in the authors' code).
 
 The segmentation models fine-tuned later are ``UNet`` (random, simclr, gcl, pcl) and ``KAFUNet``
 (KAF random, kaf); pretraining trains their encoders, and fine-tuning loads those weights.
@@ -23,10 +28,13 @@ from ..models.kaf_unet import KAFUNet
 from ..models.unet import UNet
 from ..settings import ModelSettings, PretrainSettings
 
-__all__ = ["METHODS", "segmentation_model", "PretrainNetwork", "gather"]
+__all__ = ["METHODS", "VIEWS", "segmentation_model", "PretrainNetwork", "gather"]
 
 METHODS = ("kaf", "pcl", "gcl", "simclr")
 RULE = {"kaf": "pcl", "pcl": "pcl", "gcl": "gcl", "simclr": "simclr"}
+# The two views of a pretraining sample: KAF pairs slice i with a neighbouring slice (its correspondences
+# need two slices); SimCLR, GCL and PCL augment the same slice twice, as in their papers.
+VIEWS = {"kaf": "neighbour", "pcl": "same", "gcl": "same", "simclr": "same"}
 
 
 def segmentation_model(method: str, settings: ModelSettings) -> nn.Module:
@@ -77,7 +85,7 @@ class PretrainNetwork(nn.Module):
     def _contrast(self, z1: Tensor, z2: Tensor, batch: dict[str, Tensor]) -> Tensor:
         return contrastive_loss(gather(z1.float()), gather(z2.float()), gather(batch["position"]),
                                 gather(batch["partition"]), RULE[self.method], self.settings.temperature,
-                                self.settings.pcl_threshold)
+                                self.settings.pcl_threshold, self.settings.base_temperature)
 
     def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         s = self.settings
@@ -86,29 +94,31 @@ class PretrainNetwork(nn.Module):
             z2 = self.projection(self.backbone.encode(batch["view2"])[1])
             term = self._contrast(z1, z2, batch)
             return term, {"contrastive": term.detach().float(), "total": term.detach().float()}
-        views = torch.cat([batch["view1"], batch["view2"]])  # (2B, 1, P, P): one pass for both views
-        keypoints = torch.cat([batch["keypoints1"], batch["keypoints2"]])  # (2B, K, 2)
-        valid = torch.cat([batch["valid1"], batch["valid2"]])  # (2B, K)
-        encoding = self.backbone.encode(views, keypoints, valid)
-        z = self.projection(encoding.bottleneck)  # (2B, projection_dim)
-        half = batch["view1"].shape[0]
+        # each view in its own pass, as the authors do: BatchNorm statistics (encoder, masked keypoint
+        # BatchNorm, heads) never mix a view with its positive
+        encoding1 = self.backbone.encode(batch["view1"], batch["keypoints1"], batch["valid1"])
+        encoding2 = self.backbone.encode(batch["view2"], batch["keypoints2"], batch["valid2"])
         w1, w2, w3 = s.loss_weights
-        pcl = self._contrast(z[:half], z[half:], batch) if w1 else None
-        descriptors = self.keypoint_head.fuse_levels(encoding.keypoint_features)  # (2B, K, d)
+        pcl = None
+        if w1:
+            pcl = self._contrast(self.projection(encoding1.bottleneck), self.projection(encoding2.bottleneck), batch)
+        descriptors1 = self.keypoint_head.fuse_levels(encoding1.keypoint_features)  # (B, K, d)
+        descriptors2 = self.keypoint_head.fuse_levels(encoding2.keypoint_features)  # (B, K, d)
         global_term = None
         if w2:
-            g = self.keypoint_head.pool(descriptors, valid)  # (2B, projection_dim)
-            global_term = self._contrast(g[:half], g[half:], batch)
+            g1 = self.keypoint_head.pool(descriptors1, batch["valid1"])  # (B, projection_dim)
+            g2 = self.keypoint_head.pool(descriptors2, batch["valid2"])
+            global_term = self._contrast(g1, g2, batch)
         local = local_c = None
         if w3 or s.local_contrastive_weight:
             size = tuple(batch["view1"].shape[-2:])
-            d1, d2 = self.matching_head(descriptors[:half], batch["keypoints1"], batch["valid1"],
-                                        descriptors[half:], batch["keypoints2"], batch["valid2"], size)
+            d1, d2 = self.matching_head(descriptors1, batch["keypoints1"], batch["valid1"],
+                                        descriptors2, batch["keypoints2"], batch["valid2"], size)
             if w3:
                 scores = matching_scores(d1.float(), d2.float())  # (B, K, K)
                 local = self.matching_loss(scores, batch["match12"], batch["match21"], batch["valid1"],
                                            batch["valid2"]).loss
             if s.local_contrastive_weight:
                 local_c = local_contrastive_loss(d1.float(), d2.float(), batch["match12"], batch["valid1"],
-                                                 batch["valid2"], s.temperature)
+                                                 batch["valid2"], s.temperature, s.base_temperature)
         return total_loss(pcl, global_term, local, s.loss_weights, local_c, s.local_contrastive_weight)

@@ -28,7 +28,7 @@ from .common import (
     EpochOrder, NonFiniteLossError, StepLog, check_finite, cosine_lr, load_checkpoint, reduce_mean,
     rng_state, runtime, save_checkpoint, seed_everything, set_rng_state, sync_batchnorm,
 )
-from .networks import METHODS, PretrainNetwork
+from .networks import METHODS, VIEWS, PretrainNetwork
 
 __all__ = ["PretrainResult", "pretrain", "to_device"]
 
@@ -85,7 +85,7 @@ def pretrain(
     if volumes is None:
         volumes = load_volumes(data, settings.data, labels=False)
     cache = KeypointCache(Path(data))
-    dataset = PairDataset(volumes, settings, cache, seed=settings.seed)
+    dataset = PairDataset(volumes, settings, cache, seed=settings.seed, views=VIEWS[method])
     order = EpochOrder(len(dataset), p.batch_size, settings.seed, rt.rank, rt.world)
     total_steps = p.epochs * order.steps_per_epoch
 
