@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from .atomic import write_text
 
 __all__ = [
     "DataSettings",
@@ -39,6 +42,8 @@ __all__ = [
     "preset",
     "save_settings",
     "load_settings",
+    "SettingsError",
+    "validate_settings",
 ]
 
 
@@ -46,7 +51,7 @@ __all__ = [
 class DataSettings:
     """How volumes become network inputs (the paper's experimental protocol)."""
 
-    layout: str = "acdc"  # "acdc" or "decathlon"
+    layout: str = "auto"  # "auto" (detected from the folder), "acdc" or "decathlon"
     spacing_mm: tuple[float, float] | None = (1.25, 1.25)  # in-plane target; None keeps the native grid
     clip_percentiles: tuple[float, float] | None = None  # e.g. (1, 99) for CT
     patch: int = 352  # square patch side in pixels after resampling
@@ -161,6 +166,9 @@ class Settings:
     finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
     splits: SplitSettings = field(default_factory=SplitSettings)
 
+    def __post_init__(self) -> None:
+        validate_settings(self)
+
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(dataclasses.asdict(self))
 
@@ -212,10 +220,143 @@ def _from_dict(cls: type, values: dict[str, Any], path: str) -> Any:
             try:  # YAML 1.1 reads "1e-05" as a string
                 kwargs[name] = float(value)
             except (TypeError, ValueError):
-                raise ValueError(f"{path}.{name}: expected a number, got {value!r}") from None
+                raise SettingsError(f"{path}.{name}: expected a number, got {value!r}") from None
         else:
             kwargs[name] = value
     return cls(**kwargs)
+
+
+class SettingsError(ValueError):
+    """A setting has a wrong type or a value out of range; the message names the setting and what was expected."""
+
+
+def _at_least(low: float):
+    return lambda v: v >= low, f"a number >= {low}" if isinstance(low, float) else f"an integer >= {low}"
+
+
+def _pair(low_ok, text: str):
+    return lambda v: len(v) == 2 and v[0] <= v[1] and all(low_ok(x) for x in v), text
+
+
+_CHOICES = {
+    "data.layout": ("auto", "acdc", "decathlon"),
+    "data.neighbour_rule": ("adjacent", "fraction"),
+    "model.sampling": ("nearest", "bilinear"),
+    "model.kaf_decoder": ("doubled", "plain"),
+    "finetune.loss": ("ce", "dice_ce"),
+    "finetune.selection": ("validation", "test_fold"),
+}
+_POSITIVE = (lambda v: v > 0, "a number > 0")
+_FRACTION = (lambda v: 0 <= v <= 1, "a number in [0, 1]")
+_RULES = {  # dotted name -> (test, what was expected); types are checked against the defaults first
+    "seed": _at_least(0),
+    "data.patch": _at_least(8),
+    "data.classes": _at_least(2),
+    "data.neighbour_fraction": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "data.partitions": _at_least(1),
+    "data.spacing_mm": (lambda v: v is None or (len(v) == 2 and min(v) > 0), "null or two numbers > 0 (row, col mm)"),
+    "data.clip_percentiles": (lambda v: v is None or (len(v) == 2 and 0 <= v[0] < v[1] <= 100),
+                              "null or two percentiles 0 <= low < high <= 100"),
+    "keypoints.max_keypoints": _at_least(1),
+    "keypoints.radius_forward": _POSITIVE,
+    "keypoints.radius_reverse": _POSITIVE,
+    "augment.p_deform": _FRACTION,
+    "augment.elastic_alpha": _pair(lambda x: x >= 0, "two numbers 0 <= low <= high"),
+    "augment.elastic_sigma": _pair(lambda x: x >= 0, "two numbers 0 <= low <= high"),
+    "augment.rotation": _pair(lambda x: True, "two numbers low <= high (radians)"),
+    "augment.scale": _pair(lambda x: x > 0, "two numbers 0 < low <= high"),
+    "model.in_channels": _at_least(1),
+    "model.classes": _at_least(2),
+    "model.width": _at_least(1),
+    "model.attention_blocks": _at_least(0),
+    "model.descriptor_dim": _at_least(1),
+    "model.heads": _at_least(1),
+    "model.fusion_hidden": _at_least(1),
+    "model.matching_blocks": _at_least(0),
+    "model.projection_dim": _at_least(1),
+    "pretrain.epochs": _at_least(1),
+    "pretrain.batch_size": _at_least(1),
+    "pretrain.lr": _POSITIVE,
+    "pretrain.momentum": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "pretrain.weight_decay": _at_least(0.0),
+    "pretrain.temperature": _POSITIVE,
+    "pretrain.base_temperature": _POSITIVE,
+    "pretrain.pcl_threshold": _at_least(0.0),
+    "pretrain.loss_weights": (lambda v: min(v) >= 0 and sum(v) > 0, "three weights >= 0, not all 0"),
+    "pretrain.sinkhorn_iterations": _at_least(1),
+    "pretrain.matched_weight": _at_least(0.0),
+    "pretrain.unmatched_weight": _at_least(0.0),
+    "pretrain.log_clamp": (lambda v: v < 0, "a number < 0"),
+    "pretrain.local_contrastive_weight": _at_least(0.0),
+    "pretrain.workers": _at_least(0),
+    "pretrain.checkpoint_every": _at_least(1),
+    "finetune.epochs": _at_least(1),
+    "finetune.batch_size": _at_least(1),
+    "finetune.lr": _POSITIVE,
+    "finetune.lr_min": _at_least(0.0),
+    "finetune.weight_decay": _at_least(0.0),
+    "finetune.workers": _at_least(0),
+    "splits.folds": _at_least(2),
+    "splits.validation_fraction": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "splits.labeled": (lambda v: len(v) > 0 and min(v) >= 1, "a list of integers >= 1"),
+}
+_VARIABLE_LENGTH = {"splits.labeled"}
+
+
+def _type_problem(value: Any, default: Any, dotted: str) -> str | None:
+    """What is wrong with ``value``'s type, judged by the field's default; ``None`` if nothing."""
+    if default is None:
+        return None if value is None or isinstance(value, (list, tuple)) else "null or a list"
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else "true or false"
+    if isinstance(default, int):
+        return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
+    if isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        return None if ok else "a finite number"
+    if isinstance(default, str):
+        return None if isinstance(value, str) else "a string"
+    if isinstance(default, tuple):
+        if value is None and dotted in ("data.spacing_mm", "data.clip_percentiles"):
+            return None
+        if not isinstance(value, (list, tuple)):
+            return "a list"
+        if dotted not in _VARIABLE_LENGTH and len(value) != len(default):
+            return f"a list of {len(default)} values"
+        for item, reference in zip(value, default * len(value) if dotted in _VARIABLE_LENGTH else default):
+            problem = _type_problem(item, reference, dotted)
+            if problem:
+                return f"a list of {problem.removeprefix('a ').removeprefix('an ')}s"
+    return None
+
+
+def validate_settings(settings: "Settings") -> "Settings":
+    """Check every setting's type, choices and range; raise :class:`SettingsError` naming each bad one.
+
+    Runs whenever a :class:`Settings` is built (presets, files, ``replace``, ``--set``), so a run
+    never starts on settings it cannot honour.
+    """
+    problems = []
+    for group in dataclasses.fields(settings):
+        value = getattr(settings, group.name)
+        members = [(f"{group.name}.{f.name}", getattr(value, f.name), getattr(type(value)(), f.name))
+                   for f in dataclasses.fields(value)] if dataclasses.is_dataclass(value) else \
+                  [(group.name, value, getattr(Settings, group.name, None))]
+        for dotted, item, default in members:
+            expected = _type_problem(item, default, dotted)
+            if expected is None and dotted in _CHOICES and item not in _CHOICES[dotted]:
+                expected = "one of " + ", ".join(repr(c) for c in _CHOICES[dotted])
+            if expected is None and dotted in _RULES and not _RULES[dotted][0](item):
+                expected = _RULES[dotted][1]
+            if expected is not None:
+                problems.append(f"{dotted}: expected {expected}, got {item!r}")
+    model = settings.model
+    if not problems and model.descriptor_dim % model.heads:
+        problems.append(f"model.heads: expected a divisor of model.descriptor_dim ({model.descriptor_dim}), "
+                        f"got {model.heads}")
+    if problems:
+        raise SettingsError("; ".join(problems))
+    return settings
 
 
 def _tiny() -> Settings:
@@ -295,11 +436,7 @@ def save_settings(settings: Settings, path: str | Path) -> Path:
     path = Path(path)
     data = settings.to_dict()
     text = yaml.safe_dump(data, sort_keys=False) if path.suffix in {".yaml", ".yml"} else json.dumps(data, indent=2)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-    return path
+    return write_text(path, text)
 
 
 def load_settings(path: str | Path) -> Settings:

@@ -297,3 +297,103 @@ def test_check_decathlon_problems(tiny_decathlon, capsys):
     assert any("label values [3] outside the allowed set [0, 1, 2]" in p for p in problems)
     (tiny_decathlon / "dataset.json").write_text("{not json")
     assert "dataset.json: not valid JSON" in _problems(tiny_decathlon, capsys)[0]
+
+
+# --- bad data caught early -------------------------------------------------------------------------
+def test_misnamed_patient_folders_are_reported_not_dropped(tiny_acdc, capsys):
+    training = tiny_acdc / "training"
+    (training / "patient002").rename(training / "patient02")
+    shutil.copytree(training / "patient003", training / "Patient007")
+    problems = _problems(tiny_acdc, capsys)
+    assert problems == [
+        f"{training / 'Patient007'}: misnamed patient folder: expected 'patientNNN' (lower case, three digits, "
+        "e.g. patient007)",
+        f"{training / 'patient02'}: misnamed patient folder: expected 'patientNNN' (lower case, three digits, "
+        "e.g. patient002)",
+    ]
+    with pytest.raises(DataError, match=r"Patient007: misnamed patient folder"):
+        acdc_cases(tiny_acdc)
+    with pytest.raises(DataError, match=r"Patient007: misnamed patient folder"):
+        load_volumes(tiny_acdc, DataSettings())
+
+
+def test_only_misnamed_folders_still_count_as_the_acdc_layout(tmp_path, capsys):
+    root = tmp_path / "data"
+    (root / "patient1").mkdir(parents=True)
+    problems = _problems(root, capsys)
+    assert problems == [f"{root / 'patient1'}: misnamed patient folder: expected 'patientNNN' (lower case, three "
+                        "digits, e.g. patient001)"]
+
+
+def test_same_patient_in_training_and_testing_is_refused_not_merged(tiny_acdc, capsys):
+    (tiny_acdc / "testing").mkdir()
+    shutil.copytree(tiny_acdc / "training" / "patient001", tiny_acdc / "testing" / "patient001")
+    problems = _problems(tiny_acdc, capsys)
+    assert problems == [f"{tiny_acdc / 'testing' / 'patient001'}: patient ID patient001 also at "
+                        f"{tiny_acdc / 'training' / 'patient001'}: each patient must appear once (training/ and "
+                        "testing/ must not share IDs)"]
+    with pytest.raises(DataError, match=r"testing/patient001: patient ID patient001 also at"):
+        acdc_cases(tiny_acdc)
+
+
+def test_decathlon_case_listed_twice_is_refused(tiny_decathlon, capsys):
+    meta = json.loads((tiny_decathlon / "dataset.json").read_text())
+    meta["training"].append(dict(meta["training"][0]))
+    (tiny_decathlon / "dataset.json").write_text(json.dumps(meta))
+    assert any("case 'case_000' listed twice" in p for p in _problems(tiny_decathlon, capsys))
+    with pytest.raises(DataError, match=r"dataset\.json: case 'case_000' listed twice"):
+        decathlon_cases(tiny_decathlon)
+
+
+def _overwrite_image(path, change):
+    volume = read_volume(path)
+    array = volume.array.copy()
+    change(array)
+    image = nib.Nifti1Image(np.transpose(array, (1, 2, 0)).astype(np.float32), volume.affine)
+    image.header.set_zooms((volume.spacing[1], volume.spacing[2], volume.spacing[0]))
+    nib.save(image, str(path))  # float32 as stored, so 3e38 survives
+
+
+def test_one_absurd_voxel_is_refused_by_check_and_loaders(tiny_acdc, capsys):
+    image = tiny_acdc / "training" / "patient002" / "patient002_frame01.nii.gz"
+    _overwrite_image(image, lambda a: a.__setitem__((2, 5, 5), 3e38))
+    problems = _problems(tiny_acdc, capsys)
+    assert problems == [f"{image}: absurd intensities: 1 voxel(s) reach 3e+38, beyond 1e+07 (a corrupted file?)"]
+    with pytest.raises(DataError, match=r"patient002_frame01\.nii\.gz: absurd intensities"):
+        load_volumes(tiny_acdc, DataSettings(), labels=False)
+
+
+def test_non_finite_voxel_is_reported_by_check(tiny_acdc, capsys):
+    image = tiny_acdc / "training" / "patient003" / "patient003_frame09.nii.gz"
+    _overwrite_image(image, lambda a: a.__setitem__((0, 1, 1), np.nan))
+    assert _problems(tiny_acdc, capsys) == [f"{image}: image holds non-finite values (NaN or infinity) in 1 voxel(s)"]
+
+
+def test_constant_image_is_refused_not_normalised_to_zeros(tiny_acdc, capsys):
+    image = tiny_acdc / "training" / "patient001" / "patient001_frame09.nii.gz"
+    _overwrite_image(image, lambda a: a.fill(0.0))
+    problems = _problems(tiny_acdc, capsys)
+    assert problems == [f"{image}: image is constant (every voxel is 0): nothing to learn or segment"]
+    with pytest.raises(DataError, match=r"patient001_frame09\.nii\.gz: image is constant"):
+        load_volumes(tiny_acdc, DataSettings(), labels=False)
+
+
+def test_zscore_computes_in_float64():
+    rng = np.random.default_rng(3)
+    array = rng.normal(1000, 50, (4, 16, 16)).astype(np.float32)
+    array[1, 2, 3] = 3e38  # the float32 sum of this volume overflows
+    reference = (array.astype(np.float64) - array.astype(np.float64).mean()) / array.astype(np.float64).std()
+    out = zscore(array)
+    assert out.dtype == np.float32 and np.all(np.isfinite(out))
+    np.testing.assert_allclose(out.astype(np.float64), reference, rtol=1e-6, atol=1e-6)
+    large = rng.normal(5e6, 1e3, (3, 8, 8)).astype(np.float32)  # float32 variance loses digits here
+    reference = (large.astype(np.float64) - large.astype(np.float64).mean()) / large.astype(np.float64).std()
+    np.testing.assert_allclose(zscore(large).astype(np.float64), reference, atol=1e-5)
+
+
+def test_decathlon_layout_is_detected_by_default_settings(tiny_decathlon, tiny_acdc):
+    assert DataSettings().layout == "auto"
+    volumes = load_volumes(tiny_decathlon, DataSettings(spacing_mm=None, patch=48), labels=False)
+    assert [v.case_id for v in volumes] == ["case_000", "case_001", "case_002"]
+    with pytest.raises(DataError, match=r"dataset\.json: file not found"):
+        load_volumes(tiny_acdc, DataSettings(layout="decathlon"))  # an explicit layout is obeyed

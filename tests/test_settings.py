@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from kpssl.settings import PRESETS, Settings, load_settings, preset, save_settings
+from kpssl.settings import PRESETS, Settings, SettingsError, load_settings, preset, save_settings, validate_settings
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -87,3 +87,48 @@ def test_partial_file_keeps_defaults(tmp_path):
     path.write_text("name: mine\nmodel:\n  width: 12\n")
     s = load_settings(path)
     assert s.name == "mine" and s.model.width == 12 and s.model.classes == Settings().model.classes
+
+
+# --- validation ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("key, value, message", [
+    ("finetune.loss", "foo", "finetune.loss: expected one of 'ce', 'dice_ce', got 'foo'"),
+    ("augment.flip", "maybe", "augment.flip: expected true or false, got 'maybe'"),
+    ("pretrain.epochs", 0, "pretrain.epochs: expected an integer >= 1, got 0"),
+    ("pretrain.batch_size", 0, "pretrain.batch_size: expected an integer >= 1, got 0"),
+    ("finetune.batch_size", -2, "finetune.batch_size: expected an integer >= 1, got -2"),
+    ("model.width", "abc", "model.width: expected an integer, got 'abc'"),
+    ("model.width", 8.5, "model.width: expected an integer, got 8.5"),
+    ("data.layout", "nifti", "data.layout: expected one of 'auto', 'acdc', 'decathlon', got 'nifti'"),
+    ("finetune.selection", "test", "finetune.selection: expected one of 'validation', 'test_fold', got 'test'"),
+    ("model.sampling", "cubic", "model.sampling: expected one of 'nearest', 'bilinear', got 'cubic'"),
+    ("pretrain.lr", -0.1, "pretrain.lr: expected a number > 0, got -0.1"),
+    ("pretrain.temperature", 0, "pretrain.temperature: expected a number > 0, got 0"),
+    ("augment.p_deform", 1.5, "augment.p_deform: expected a number in [0, 1], got 1.5"),
+    ("splits.validation_fraction", 1.0, "splits.validation_fraction: expected a number in [0, 1), got 1.0"),
+    ("splits.folds", 1, "splits.folds: expected an integer >= 2, got 1"),
+    ("pretrain.loss_weights", [0, 0, 0], "pretrain.loss_weights: expected three weights >= 0, not all 0"),
+    ("model.kaf_levels", [True, True], "model.kaf_levels: expected a list of 4 values, got (True, True)"),
+    ("data.clip_percentiles", [99, 1], "data.clip_percentiles: expected null or two percentiles"),
+    ("model.heads", 5, "model.heads: expected a divisor of model.descriptor_dim (32), got 5"),
+])
+def test_bad_values_are_refused_naming_the_setting(key, value, message):
+    with pytest.raises(SettingsError) as caught:
+        preset("tiny").replace(**{key: value})
+    assert str(caught.value).startswith(message)
+
+
+def test_every_bad_value_is_named_at_once(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("finetune:\n  loss: foo\naugment:\n  flip: maybe\n")
+    with pytest.raises(ValueError) as caught:
+        load_settings(path)
+    text = str(caught.value)
+    assert text.startswith(f"{path}: ") and "augment.flip: expected true or false" in text
+    assert "finetune.loss: expected one of 'ce', 'dice_ce', got 'foo'" in text
+
+
+def test_good_values_pass():
+    settings = preset("tiny").replace(**{"finetune.loss": "dice_ce", "augment.flip": False, "data.layout": "acdc",
+                                         "data.spacing_mm": None, "model.attention_blocks": 0, "seed": 7})
+    assert validate_settings(settings) is settings
+    assert preset("tiny").data.layout == "auto" and preset("paper_chd").data.layout == "decathlon"

@@ -1,7 +1,10 @@
 """Validate a data set folder before anything trains on it (``kpssl check DIR``).
 
 Every problem is reported as one line naming the file, and the check goes on to find the rest, so a user
-fixes everything in one pass. The summary tells what was found.
+fixes everything in one pass. The summary tells what was found. Reported: missing or unreadable files,
+bad ``Info.cfg`` and ``dataset.json``, misnamed patient folders (``patient06``, ``Patient007``), a patient
+ID found twice (``training/`` and ``testing/``), images with non-finite, absurd or constant intensities,
+labels that disagree with their image or hold values outside the label set.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .layouts import ACDC_LABELS, AcdcPatient, read_dataset_json, detect_layout, find_acdc_patients, read_info_cfg
+from .layouts import ACDC_LABELS, AcdcPatient, detect_layout, read_dataset_json, read_info_cfg, scan_acdc_folders
 from .nifti import DataError, read_volume
 
 __all__ = ["CheckReport", "check_folder"]
@@ -57,6 +60,9 @@ def _check_pair(report: CheckReport, image_path: Path, label_path: Path, allowed
     except DataError as error:
         report.problems.append(str(error))
         return
+    low, high = float(image.array.min()), float(image.array.max())
+    if low == high:
+        report.problems.append(f"{image_path}: image is constant (every voxel is {low:g}): nothing to learn or segment")
     try:
         label = read_volume(label_path, label=True)
     except DataError as error:
@@ -81,19 +87,14 @@ def _check_pair(report: CheckReport, image_path: Path, label_path: Path, allowed
 
 
 def _check_acdc(report: CheckReport) -> None:
-    root = report.root
-    folders = [p for sub in ("", "training", "testing") for p in sorted((root / sub).glob("patient*")) if p.is_dir()]
-    try:
-        patients = find_acdc_patients(root)
-    except DataError as error:  # one bad Info.cfg: report it, then check the others one by one
-        report.problems.append(str(error))
-        patients = []
-        for folder in folders:
-            try:
-                patients.append(AcdcPatient(folder.name, folder, read_info_cfg(folder / "Info.cfg")))
-            except DataError as inner:
-                if str(inner) != str(error):
-                    report.problems.append(str(inner))
+    folders, folder_problems = scan_acdc_folders(report.root)
+    report.problems.extend(str(problem) for problem in folder_problems)
+    patients = []
+    for folder in folders:
+        try:
+            patients.append(AcdcPatient(folder.name, folder, read_info_cfg(folder / "Info.cfg")))
+        except DataError as error:
+            report.problems.append(str(error))
     report.patients = len(folders)
     for patient in patients:
         for phase, frame in (("ED", patient.ed), ("ES", patient.es)):
@@ -118,11 +119,17 @@ def _check_decathlon(report: CheckReport) -> None:
     report.patients = len(entries)
     if not entries:
         report.problems.append(f"{root / 'dataset.json'}: the 'training' list is empty")
+    seen: dict[str, Path] = {}
     for entry in entries:
         if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
             report.problems.append(f"{root / 'dataset.json'}: training entry needs 'image' and 'label': {entry!r}")
             continue
         image, label = (root / entry["image"]).resolve(), (root / entry["label"]).resolve()
+        name = image.name.split(".")[0]
+        if name in seen:
+            report.problems.append(f"{root / 'dataset.json'}: case {name!r} listed twice ({seen[name]} and {image})")
+            continue
+        seen[name] = image
         missing = [p for p in (image, label) if not p.is_file()]
         for path in missing:
             report.problems.append(f"{path}: file not found (listed in dataset.json)")

@@ -35,6 +35,7 @@ __all__ = [
     "read_info_cfg",
     "read_dataset_json",
     "find_acdc_patients",
+    "scan_acdc_folders",
     "acdc_cases",
     "decathlon_cases",
     "detect_layout",
@@ -43,6 +44,8 @@ __all__ = [
 
 ACDC_LABELS = {0: "background", 1: "RV", 2: "myocardium", 3: "LV"}
 _PATIENT = re.compile(r"^patient\d{3}$")
+_PATIENT_LIKE = re.compile(r"^patient", re.IGNORECASE)
+LAYOUTS = ("auto", "acdc", "decathlon")
 _REQUIRED_INFO = ("ED", "ES")
 
 
@@ -102,13 +105,48 @@ def read_info_cfg(path: Path) -> dict[str, str]:
     return info
 
 
+def scan_acdc_folders(root: Path) -> tuple[list[Path], list[DataError]]:
+    """The ``patientNNN`` folders under ``root``, ``root/training`` and ``root/testing``, and the problems.
+
+    A folder whose name starts with "patient" in any case but is not ``patientNNN`` (``patient06``,
+    ``Patient007``) is a problem, not something to skip: skipping it would silently lose a patient. So
+    is a patient ID found twice (say in ``training/`` and ``testing/``): merging the two would mix two
+    patients, or one patient's frames, across the split.
+    """
+    good: list[Path] = []
+    problems: list[DataError] = []
+    seen: dict[str, Path] = {}
+    for sub in ("", "training", "testing"):
+        folder = root / sub
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.iterdir()):
+            if not path.is_dir() or not _PATIENT_LIKE.match(path.name):
+                continue
+            if not _PATIENT.match(path.name):
+                digits = re.findall(r"\d+", path.name)
+                hint = f", e.g. patient{int(digits[0]):03d}" if digits else ""
+                problems.append(DataError(path, f"misnamed patient folder: expected 'patientNNN' (lower case, "
+                                                f"three digits{hint})"))
+            elif path.name in seen:
+                problems.append(DataError(path, f"patient ID {path.name} also at {seen[path.name]}: each patient "
+                                                "must appear once (training/ and testing/ must not share IDs)"))
+            else:
+                seen[path.name] = path
+                good.append(path)
+    return good, problems
+
+
 def find_acdc_patients(root: Path) -> list[AcdcPatient]:
-    """All ``patientNNN`` folders under ``root``, ``root/training`` and ``root/testing``, sorted."""
+    """All ``patientNNN`` folders under ``root``, ``root/training`` and ``root/testing``, sorted.
+
+    Raises :class:`DataError` for a misnamed patient folder or a patient ID found twice."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(root, "folder not found")
-    folders = [p for sub in ("", "training", "testing") for p in sorted((root / sub).glob("patient*"))
-               if p.is_dir() and _PATIENT.match(p.name)]
+    folders, problems = scan_acdc_folders(root)
+    if problems:
+        raise problems[0]
     return [AcdcPatient(f.name, f, read_info_cfg(f / "Info.cfg")) for f in folders]
 
 
@@ -157,6 +195,7 @@ def decathlon_cases(root: Path, *, require_labels: bool = True) -> list[Case]:
     if not meta["training"]:
         raise DataError(root / "dataset.json", "the 'training' list is empty")
     cases = []
+    seen: dict[str, Path] = {}
     for entry in meta["training"]:
         if not isinstance(entry, dict) or "image" not in entry:
             raise DataError(root / "dataset.json", f"training entry without 'image': {entry!r}")
@@ -169,6 +208,9 @@ def decathlon_cases(root: Path, *, require_labels: bool = True) -> list[Case]:
                 raise DataError(label or image, "label file not found (listed in dataset.json)")
             label = None
         name = image.name.split(".")[0]
+        if name in seen:
+            raise DataError(root / "dataset.json", f"case {name!r} listed twice ({seen[name]} and {image})")
+        seen[name] = image
         cases.append(Case(name, name, image, label, "", labels))
     return cases
 
@@ -180,14 +222,17 @@ def detect_layout(root: Path) -> str:
         raise DataError(root, "folder not found")
     if (root / "dataset.json").is_file():
         return "decathlon"
-    if any(_PATIENT.match(p.name) for sub in ("", "training", "testing") for p in (root / sub).glob("patient*")):
+    if any(p.is_dir() and _PATIENT_LIKE.match(p.name) for sub in ("", "training", "testing")
+           if (root / sub).is_dir() for p in (root / sub).iterdir()):
         return "acdc"
     raise DataError(root, "neither an ACDC layout (patientNNN folders) nor a Decathlon layout (dataset.json)")
 
 
 def find_cases(root: Path, layout: str | None = None, *, require_labels: bool = True) -> list[Case]:
-    """Cases of the data set under ``root``; the layout is detected unless given."""
-    layout = layout or detect_layout(Path(root))
+    """Cases of the data set under ``root``; the layout is detected unless given (or ``"auto"``)."""
+    if layout not in LAYOUTS and layout is not None:
+        raise ValueError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
+    layout = detect_layout(Path(root)) if layout in (None, "auto") else layout
     if layout == "acdc":
         return acdc_cases(Path(root), require_labels=require_labels)
     if layout == "decathlon":

@@ -8,7 +8,6 @@ in the same world coordinates.
 from __future__ import annotations
 
 import gzip
-import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,11 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-__all__ = ["DataError", "Volume", "read_volume", "write_volume", "atomic_path"]
+from ..atomic import atomic_write, temporary_name
+
+__all__ = ["DataError", "Volume", "read_volume", "write_volume", "atomic_path", "MAX_INTENSITY"]
+
+MAX_INTENSITY = 1e7  # |value| beyond this is no scanner intensity (CT: -1024..~3e4 HU; MRI: < 65536)
 
 
 class DataError(ValueError):
@@ -46,7 +49,9 @@ def read_volume(path: str | Path, *, label: bool = False) -> Volume:
 
     Images become float32, labels int16 after checking that they hold whole numbers. A 4D file with a
     single volume (trailing axis of size 1) is accepted. Raises :class:`DataError` naming the file when it
-    is missing, truncated, not NIfTI, not 3D, holds non-finite values, or (labels) non-integer values.
+    is missing, truncated, not NIfTI, not 3D, holds non-finite values, absurd intensities (beyond
+    :data:`MAX_INTENSITY`, such as one corrupted voxel of 3e38 that would swamp normalisation), or (labels)
+    non-integer values.
     """
     path = Path(path)
     if not path.is_file():
@@ -72,18 +77,22 @@ def read_volume(path: str | Path, *, label: bool = False) -> Volume:
                 raise DataError(path, "label volume holds non-integer values")
         array = array.astype(np.int16)
     else:
+        if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
+            raise DataError(path, f"image holds non-finite values (NaN or infinity) in "
+                                  f"{int(np.count_nonzero(~np.isfinite(array)))} voxel(s)")
+        peak = float(np.max(np.abs(array.astype(np.float64))))
+        if peak > MAX_INTENSITY:
+            count = int(np.count_nonzero(np.abs(array.astype(np.float64)) > MAX_INTENSITY))
+            raise DataError(path, f"absurd intensities: {count} voxel(s) reach {peak:.3g}, beyond "
+                                  f"{MAX_INTENSITY:.0e} (a corrupted file?)")
         array = array.astype(np.float32)
-        if not np.all(np.isfinite(array)):
-            raise DataError(path, "image holds non-finite values (NaN or infinity)")
     spacing = (zooms[2], zooms[0], zooms[1])
     return Volume(array=array, spacing=spacing, affine=np.asarray(image.affine, dtype=np.float64))
 
 
 def atomic_path(path: Path) -> Path:
     """A temporary name in the same folder with the same suffixes (so nibabel picks the same format)."""
-    suffix = "".join(path.suffixes)
-    stem = path.name[: len(path.name) - len(suffix)] if suffix else path.name
-    return path.with_name(f".{stem}.tmp{os.getpid()}{suffix}")
+    return temporary_name(path)
 
 
 def write_volume(
@@ -119,11 +128,4 @@ def write_volume(
     image = nib.Nifti1Image(data, affine)
     image.header.set_zooms((spacing[1], spacing[2], spacing[0]))
     image.header.set_xyzt_units("mm")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = atomic_path(path)
-    try:
-        nib.save(image, str(tmp))
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write(path, lambda tmp: nib.save(image, str(tmp)))

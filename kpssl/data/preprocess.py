@@ -48,10 +48,17 @@ def clip_percentiles(array: np.ndarray, low: float, high: float) -> np.ndarray:
 
 
 def zscore(array: np.ndarray) -> np.ndarray:
-    """Per-volume zero mean, unit variance (a constant volume becomes all zeros)."""
-    array = array.astype(np.float32)
-    std = float(array.std())
-    return (array - float(array.mean())) / (std if std > 0 else 1.0)
+    """Per-volume zero mean, unit variance, returned as float32 (a constant volume becomes all zeros).
+
+    Mean and standard deviation are computed in float64: in float32 the sum of a volume with large
+    intensities overflows to infinity and the whole volume would come out as NaN or zero.
+    """
+    values = np.asarray(array, dtype=np.float64)
+    std = float(values.std())
+    out = (values - float(values.mean())) / (std if std > 0 else 1.0)
+    if not np.all(np.isfinite(out)):
+        raise ValueError("z-score: the volume holds non-finite values")
+    return out.astype(np.float32)
 
 
 def centre_offset(shape: tuple[int, int], size: int) -> tuple[int, int]:

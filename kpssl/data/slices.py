@@ -64,8 +64,14 @@ def slice_partition(index: int | np.ndarray, count: int, partitions: int = 4) ->
 
 
 def prepare_case(case: Case, settings: DataSettings, *, labels: bool = True) -> PreparedVolume:
-    """Read and preprocess one case; checks that image and label agree and label values are allowed."""
+    """Read and preprocess one case; checks that image and label agree and label values are allowed.
+
+    A constant image (every voxel the same value) is refused: it normalises to an all-zero volume that
+    pretraining would silently learn nothing from."""
     image = read_volume(case.image)
+    low, high = float(image.array.min()), float(image.array.max())
+    if low == high:
+        raise DataError(case.image, f"image is constant (every voxel is {low:g}): nothing to learn or segment")
     label = None
     if labels and case.label is not None:
         label_volume = read_volume(case.label, label=True)
@@ -80,7 +86,12 @@ def prepare_case(case: Case, settings: DataSettings, *, labels: bool = True) -> 
         if not found <= allowed:
             raise DataError(case.label, f"label values {sorted(found - allowed)} outside the allowed set {sorted(allowed)}")
         label = label_volume.array
-    out_image, out_label, spacing = preprocess_volume(image.array, label, image.spacing, settings)
+    try:
+        out_image, out_label, spacing = preprocess_volume(image.array, label, image.spacing, settings)
+    except ValueError as error:
+        raise DataError(case.image, f"preprocessing failed ({error})") from None
+    if not out_image.any():
+        raise DataError(case.image, "the preprocessed image is all zeros (constant after clipping?)")
     return PreparedVolume(case, out_image, None if out_label is None else out_label.astype(np.int64), spacing)
 
 
@@ -88,8 +99,8 @@ def load_volumes(
     root: str | Path | Sequence[Case], settings: DataSettings, *, labels: bool = True, patients: Iterable[str] | None = None
 ) -> list[PreparedVolume]:
     """Read and preprocess the cases of a data set folder (or a list of cases), optionally only some patients."""
-    cases = find_cases(Path(root), settings.layout if settings.layout in ("acdc", "decathlon") else None,
-                       require_labels=labels) if isinstance(root, (str, Path)) else list(root)
+    cases = find_cases(Path(root), settings.layout, require_labels=labels) if isinstance(root, (str, Path)) \
+        else list(root)
     if patients is not None:
         wanted = set(patients)
         missing = wanted - {c.patient for c in cases}
