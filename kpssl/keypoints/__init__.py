@@ -16,8 +16,8 @@ from .augment import (AugmentedView, ViewTransform, apply_transform, augment_vie
 from .cache import CACHE_FOLDER, KeypointCache, VolumeKeypoints, default_cache_dir, fill_cache, load_all
 from .correspond import (Correspondences, descriptor_distances, manhattan_distances, match_slices, mutual_matches,
                          neighbour_pairs, neighbour_slice, restrict_matches)
-from .datasets import (LabelledKeypointSlices, PairDataset, collate_keypoints, collate_labelled, collate_pairs, pad_keypoints,
-                       pad_matches, pair_views)
+from .datasets import (LabelledKeypointSlices, PairDataset, check_pair_batch, collate_keypoints, collate_labelled,
+                       collate_pairs, pad_keypoints, pad_matches, pair_views)
 from .detect import SIFT_PIXEL_OFFSET, SliceKeypoints, detect_keypoints, detect_volume, to_uint8
 
 __all__ = [
@@ -27,5 +27,6 @@ __all__ = [
     "neighbour_pairs", "neighbour_slice", "restrict_matches",
     "AugmentedView", "ViewTransform", "apply_transform", "augment_view", "centre_transform", "elastic_field",
     "sample_transform", "warp_image", "warp_label", "warp_points",
-    "LabelledKeypointSlices", "PairDataset", "collate_keypoints", "collate_pairs", "collate_labelled", "pad_keypoints", "pad_matches", "pair_views",
+    "LabelledKeypointSlices", "PairDataset", "check_pair_batch", "collate_keypoints", "collate_pairs", "collate_labelled",
+    "pad_keypoints", "pad_matches", "pair_views",
 ]

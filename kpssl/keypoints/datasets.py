@@ -30,7 +30,8 @@ from .augment import apply_transform, augment_view, centre_transform
 from .cache import KeypointCache, VolumeKeypoints
 from .correspond import neighbour_slice, restrict_matches
 
-__all__ = ["pad_keypoints", "pad_matches", "pair_views", "collate_keypoints", "collate_pairs", "collate_labelled",
+__all__ = ["pad_keypoints", "pad_matches", "pair_views", "collate_keypoints", "collate_pairs", "check_pair_batch",
+           "collate_labelled",
            "PairDataset", "PAIR_VIEWS", "LabelledKeypointSlices"]
 
 # Keys holding one entry per keypoint slot, and their padding values.
@@ -100,7 +101,32 @@ def collate_keypoints(items: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor
     return batch
 
 
-collate_pairs = collate_keypoints  # for PairDataset items
+def check_pair_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Check a pair batch's correspondences once, on the CPU where the batch is made; return the batch.
+
+    ``match12 (B, K1)`` must hold ``-1`` or an index into view 2 and ``match21 (B, K2)`` likewise, and
+    every match between valid keypoints must be mutual (the conditions of
+    :func:`kpssl.losses.matching.matched_pairs`). The training step can then compute Eq. 2 without
+    reading these values back from the GPU (no synchronisation, no ``torch.compile`` graph break).
+    Batches without matches (the global-only methods) pass unchanged.
+    """
+    if "match12" not in batch and "match21" not in batch:
+        return batch
+    from ..losses.matching import matched_pairs
+
+    try:
+        matched_pairs(batch["match12"].cpu(), batch["match21"].cpu(), batch["valid1"].cpu(), batch["valid2"].cpu(),
+                      check_consistency=True)
+    except (KeyError, ValueError) as error:
+        raise ValueError(f"pair batch: {error}") from None
+    return batch
+
+
+def collate_pairs(items: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """:func:`collate_keypoints` for :class:`PairDataset` items, then :func:`check_pair_batch`."""
+    return check_pair_batch(collate_keypoints(items))
+
+
 collate_labelled = collate_keypoints  # for LabelledKeypointSlices items
 
 

@@ -1,9 +1,11 @@
 """Machinery shared by pretraining and fine-tuning: devices, precision, distribution, checkpoints, logs.
 
-- ``Runtime``: device, precision (bf16 autocast where the GPU supports it, else fp16 with a gradient
-  scaler, none on the CPU), rank and world size from ``torchrun``'s environment.
+- ``Runtime``: device, precision (:func:`amp_dtype_for`: bf16 autocast on GPUs of compute capability
+  8.0 or more, fp16 with a gradient scaler below, float32 on the CPU), memory format (channels_last on
+  CUDA only), rank and world size from ``torchrun``'s environment.
 - Checkpoints are written to a temporary file and renamed, so a killed run never leaves a half-written
-  checkpoint; they are read with ``torch.load(weights_only=True)``.
+  checkpoint; they are read with ``torch.load(weights_only=True)``. Random-generator states are always
+  read back as CPU tensors, whatever device the rest of a checkpoint is loaded onto.
 - ``EpochOrder``: the sample order of an epoch is a function of (seed, epoch) alone and is cut into
   equal shares per rank, so a resumed or distributed run sees the same samples as an uninterrupted one.
 - ``StepLog``: one CSV row per optimisation step (loss terms, learning rate), appended and flushed.
@@ -28,6 +30,7 @@ from torch import nn
 __all__ = [
     "Runtime",
     "runtime",
+    "amp_dtype_for",
     "seed_everything",
     "rng_state",
     "set_rng_state",
@@ -51,6 +54,7 @@ class Runtime:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    channels_last: bool = False  # NHWC image tensors and convolution weights (CUDA only)
 
     @property
     def distributed(self) -> bool:
@@ -69,9 +73,37 @@ class Runtime:
         """Active only for fp16 (bf16 and float32 need no loss scaling)."""
         return torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
 
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
 
-def runtime(mixed_precision: bool = True, device: str | None = None) -> Runtime:
-    """Device and precision for this process; joins the process group when started by ``torchrun``."""
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """Move ``model`` to the device, in channels_last where chosen (values are unchanged)."""
+        return model.to(self.device, memory_format=self.memory_format)
+
+    def images(self, x: torch.Tensor) -> torch.Tensor:
+        """A 4-d image batch in this runtime's memory format; anything else is returned as it is."""
+        return x.contiguous(memory_format=self.memory_format) if self.channels_last and x.ndim == 4 else x
+
+
+def amp_dtype_for(device: torch.device, mixed_precision: bool = True) -> torch.dtype | None:
+    """The autocast dtype on ``device``: ``None`` (float32) on the CPU or without mixed precision.
+
+    On CUDA: bfloat16 from compute capability 8.0 on (Ampere and later have bf16 tensor cores); float16
+    (with the gradient scaler, :meth:`Runtime.grad_scaler`) below, e.g. on a T4 (7.5), where
+    ``torch.cuda.is_bf16_supported()`` may report True through slow emulation.
+    """
+    if not mixed_precision or device.type != "cuda":
+        return None
+    major, _ = torch.cuda.get_device_capability(device)
+    return torch.bfloat16 if major >= 8 else torch.float16
+
+
+def runtime(mixed_precision: bool = True, device: str | None = None, channels_last: bool = True) -> Runtime:
+    """Device and precision for this process; joins the process group when started by ``torchrun``.
+
+    ``channels_last`` takes effect on CUDA only (on the CPU the contiguous layout is kept).
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -86,10 +118,9 @@ def runtime(mixed_precision: bool = True, device: str | None = None) -> Runtime:
         torch.backends.cudnn.allow_tf32 = True
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch_device.type == "cuda" else "gloo")
-    amp_dtype = None
-    if mixed_precision and torch_device.type == "cuda":
-        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return Runtime(torch_device, amp_dtype, rank, world, local_rank)
+    amp_dtype = amp_dtype_for(torch_device, mixed_precision)
+    return Runtime(torch_device, amp_dtype, rank, world, local_rank,
+                   channels_last=channels_last and torch_device.type == "cuda")
 
 
 def seed_everything(seed: int) -> None:
@@ -109,7 +140,26 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
+def _moved(value: Any, device: torch.device) -> Any:
+    """``value`` with every tensor in it (through dicts, lists, tuples) moved to ``device``."""
+    if torch.is_tensor(value):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _moved(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_moved(v, device) for v in value)
+    return value
+
+
+def _cpu(value: Any) -> Any:
+    return _moved(value, torch.device("cpu"))
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` saved. The generator states (byte tensors) are taken to the CPU
+    first: a checkpoint loaded with ``map_location="cuda"`` brings them onto the GPU, which
+    ``torch.set_rng_state`` refuses."""
+    state = _cpu(state)
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
     np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["position"], n["has_gauss"], n["gauss"]))
@@ -132,14 +182,25 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint safely (``weights_only=True``); errors name the file."""
+    """Read a checkpoint safely (``weights_only=True``); errors name the file.
+
+    Tensors go to ``map_location`` (a device or its name), except the random-generator states under
+    ``"rng"``, which stay on the CPU, where :func:`set_rng_state` needs them: the file is read onto the
+    CPU and everything else is then moved.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # unpickling errors come in many types
         raise ValueError(f"{path}: not a readable checkpoint ({type(error).__name__}: {error})") from None
+    device = torch.device(map_location)
+    if device.type == "cpu":
+        return state
+    if isinstance(state, dict):
+        return {k: v if k == "rng" else _moved(v, device) for k, v in state.items()}
+    return _moved(state, device)
 
 
 class EpochOrder:

@@ -3,7 +3,16 @@
 SGD with momentum and a cosine schedule (per step); CUDA with mixed precision where present; several
 processes through ``torchrun`` (DistributedDataParallel, gloo on the CPU, nccl on GPUs); a CSV log of
 every step; atomic checkpoints holding everything needed to resume exactly; a non-finite loss stops the
-run with a message naming the step and the term, after saving the model and batch that produced it.
+run with a message naming the step and the term.
+
+The step never waits for the GPU: the loss terms stay on the device and are written to the log (one
+copy to the host for many steps) every ``log_every_steps`` steps, before every checkpoint and at the
+end; the non-finite check runs on those rows. A non-finite loss is therefore found at the next flush:
+the run stops there, before any checkpoint could hold weights trained on it, and writes
+``nonfinite_step{N}.pt`` with the step, its terms, the exact batch (rebuilt from the data: every batch
+is a function of the seed, the epoch and the sample indices) and the step of the last checkpoint,
+from which the run replays to that step. Match indices are checked once per batch on the CPU where the
+batch is made (:func:`kpssl.keypoints.collate_pairs`), not in the step.
 
     kpssl pretrain --data DIR --method kaf --preset tiny --out runs/kaf
 """
@@ -46,8 +55,12 @@ class PretrainResult:
     network: PretrainNetwork  # the trained backbone and heads (this process's replica)
 
 
-def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+def to_device(batch: dict[str, torch.Tensor], device: torch.device,
+              memory_format: torch.memory_format = torch.preserve_format) -> dict[str, torch.Tensor]:
+    """Move a batch's tensors to ``device`` (asynchronously from pinned memory); 4-d images also take
+    ``memory_format`` (``torch.channels_last`` on CUDA, see :class:`kpssl.train.common.Runtime`)."""
+    return {k: (v.to(device, non_blocking=True, memory_format=memory_format) if v.ndim == 4
+                else v.to(device, non_blocking=True)) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def _loader(dataset: Any, order: EpochOrder, epoch: int, start_step: int, workers: int, pin: bool) -> DataLoader:
@@ -67,6 +80,7 @@ def pretrain(
     progress: bool = True,
     device: str | None = None,
     checkpoint_every_steps: int | None = None,
+    log_every_steps: int | None = None,
     volumes: list | None = None,
 ) -> PretrainResult:
     """Pretrain ``method`` on the (unlabelled) volumes under ``data``; write everything to ``out``.
@@ -75,6 +89,8 @@ def pretrain(
     everything needed to resume), ``encoder.pt`` (the backbone weights fine-tuning loads) and
     ``result.json``. ``max_steps`` stops early (tests, chapters); ``resume`` continues from
     ``checkpoint.pt`` exactly where it stopped. ``checkpoint_every_steps`` adds mid-epoch checkpoints.
+    ``log_every_steps`` (default: every step on the CPU, every 50 on a GPU) sets how often the loss terms
+    are copied to the host, written and checked (the module docstring); the log holds every step either way.
     """
     if method not in METHODS:
         raise ValueError(f"unknown pretraining method {method!r}; expected one of {', '.join(METHODS)}")
@@ -89,7 +105,12 @@ def pretrain(
     order = EpochOrder(len(dataset), p.batch_size, settings.seed, rt.rank, rt.world)
     total_steps = p.epochs * order.steps_per_epoch
 
-    network = PretrainNetwork(method, settings.model, p).to(rt.device)
+    if log_every_steps is not None and log_every_steps < 1:
+        raise ValueError(f"log_every_steps must be at least 1, got {log_every_steps}")
+    flush_every = log_every_steps or (50 if rt.device.type == "cuda" else 1)
+    network = rt.prepare(PretrainNetwork(method, settings.model, p))  # channels_last on CUDA
+    if method == "kaf":
+        network.matching_loss.check_matches = False  # collate_pairs checked every batch's matches
     if rt.distributed:
         if rt.device.type == "cuda":
             network = sync_batchnorm(network)
@@ -139,41 +160,73 @@ def pretrain(
         """Training time of the run so far, over every start of it."""
         return seconds_before + time.perf_counter() - started
 
+    pending: list[tuple[int, int, float, float, torch.Tensor]] = []  # (epoch, step index, lr, seconds, terms)
+    names: list[str] = []
+    checkpointed = step if resume and checkpoint_path.is_file() else None
+
+    def nonfinite(epoch: int, index: int, row: dict[str, torch.Tensor]) -> None:
+        """Record a non-finite step: its terms, its batch (rebuilt exactly) and where to replay it from."""
+        dataset.set_epoch(epoch)
+        samples = next(order.batches(epoch, index - epoch * order.steps_per_epoch))
+        save_checkpoint(out / f"nonfinite_step{index}.pt", {
+            "step": index, "epoch": epoch, "samples": samples, "terms": row,
+            "batch": collate_pairs([dataset[i] for i in samples]),
+            "last_checkpoint_step": checkpointed, "model": network.state_dict()})  # weights as found, later
+
+    def flush() -> None:
+        """Copy the pending steps' terms to the host at once, check them, write one log row per step."""
+        nonlocal terms
+        if not pending:
+            return
+        values = reduce_mean(torch.stack([t for *_, t in pending]), rt).float().cpu()  # (steps, terms)
+        rows = list(pending)
+        pending.clear()
+        for (epoch, index, lr, seconds, _), row_values in zip(rows, values):
+            row = dict(zip(names, row_values))
+            try:
+                check_finite(row, index)
+            except NonFiniteLossError:
+                if rt.main:
+                    nonfinite(epoch, index, row)
+                raise
+            terms = {k: float(v) for k, v in row.items()}
+            if rt.main:
+                log.write({"epoch": epoch, "step": index + 1, "lr": lr, "seconds": round(seconds, 3), **terms})
+            bar.update(1)
+        bar.set_postfix({k: f"{v:.3f}" for k, v in terms.items()})
+
+    def save() -> None:
+        nonlocal checkpointed
+        flush()  # a checkpoint never holds weights trained on a loss not yet checked
+        checkpoint()
+        checkpointed = step
+
     model.train()
     while step < last_step:
         epoch, start = divmod(step, order.steps_per_epoch)
         for batch in _loader(dataset, order, epoch, start, p.workers, rt.device.type == "cuda"):
-            batch = to_device(batch, rt.device)
+            batch = to_device(batch, rt.device, rt.memory_format)
             lr = cosine_lr(step, total_steps, p.lr)
             for group in optimiser.param_groups:
                 group["lr"] = lr
             with rt.autocast():
                 loss, logged = model(batch)
-            try:
-                check_finite(logged, step)
-            except NonFiniteLossError:
-                if rt.main:
-                    save_checkpoint(out / f"nonfinite_step{step}.pt", {
-                        "model": network.state_dict(), "batch": {k: v.cpu() for k, v in batch.items()},
-                        "terms": {k: v.cpu() for k, v in logged.items()}, "step": step})
-                raise
             optimiser.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimiser)
             scaler.update()
+            names = list(logged)
+            pending.append((epoch, step, lr, elapsed(), torch.stack([logged[k] for k in names])))  # on the device
             step += 1
-            terms = {k: float(reduce_mean(v, rt)) for k, v in logged.items()}
-            if rt.main:
-                log.write({"epoch": epoch, "step": step, "lr": lr, "seconds": round(elapsed(), 3),
-                           **terms})
-            bar.update(1)
-            bar.set_postfix({k: f"{v:.3f}" for k, v in terms.items()})
+            if len(pending) >= flush_every:
+                flush()
             if checkpoint_every_steps and step % checkpoint_every_steps == 0:
-                checkpoint()
+                save()
             if step >= last_step:
                 break
         if step % order.steps_per_epoch == 0 and (step // order.steps_per_epoch) % p.checkpoint_every == 0:
-            checkpoint()
+            save()
+    flush()
     bar.close()
     seconds = elapsed()
     checkpoint(seconds)
