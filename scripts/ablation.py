@@ -95,7 +95,8 @@ def main() -> None:
         meta["variants"][name] = {"group": group, "methods": methods, "changes": concrete}
         folder = Path(args.out) / folder_name(name)
         variant_rows = run_experiment(settings, args.data, methods, args.labeled, args.folds, folder,
-                                      meta={"variant": name, **concrete}, progress=not args.quiet)
+                                      meta={"variant": name, **concrete}, progress=not args.quiet,
+                                      command=meta["command"])
         changed = "; ".join(f"{k} = {v}" for k, v in concrete.items())
         for row in variant_rows:
             per_fold = per_fold_dice(folder, row["method"], row["M"])

@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from kpssl.cli import main
+from kpssl.settings import SettingsError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,5 +68,113 @@ def test_set_changes_settings_and_rejects_unknown_keys():
     assert settings.model.width == 8  # the rest is the tiny preset
     for bad in ("model.no_such_field=1", "model.width"):
         args = parser.parse_args(["pretrain", "--data", "d", "--method", "kaf", "--out", "o", "--set", bad])
-        with pytest.raises(SystemExit, match="--set"):
+        with pytest.raises(SettingsError, match="--set"):
             _settings(args)
+
+
+# --- validation before work, and no traceback for user errors ----------------------------------------
+def _error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("kpssl: error: ") and "Traceback" not in err
+    return err.removeprefix("kpssl: error: ")
+
+
+@pytest.mark.parametrize("change, message", [
+    ("pretrain.epochs=0", "pretrain.epochs: expected an integer >= 1, got 0"),
+    ("pretrain.batch_size=0", "pretrain.batch_size: expected an integer >= 1, got 0"),
+    ("model.width=abc", "model.width: expected an integer, got 'abc'"),
+    ("finetune.loss=foo", "finetune.loss: expected one of 'ce', 'dice_ce', got 'foo'"),
+    ("augment.flip=maybe", "augment.flip: expected true or false, got 'maybe'"),
+    ("model.no_such_field=1", "unknown setting 'model.no_such_field'"),
+])
+def test_bad_settings_are_refused_before_any_work(tmp_path, capsys, change, message):
+    out = tmp_path / "run"
+    code = main(["pretrain", "--data", str(tmp_path / "no_data_needed"), "--method", "pcl", "--out", str(out),
+                 "--quiet", "--set", change])
+    assert code == 2
+    assert _error(capsys) == f"--set: {message}"
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("option", ["--max-steps", "--max-epochs", "--labeled"])
+def test_negative_counts_are_refused_by_the_parser(tmp_path, capsys, option):
+    command = "pretrain" if option == "--max-steps" else "finetune"
+    argv = [command, "--data", str(tmp_path), "--method", "pcl", "--out", str(tmp_path / "o"), option, "-5"]
+    if command == "finetune" and option != "--labeled":
+        argv += ["--labeled", "1"]
+    with pytest.raises(SystemExit) as caught:
+        main(argv)
+    assert caught.value.code == 2
+    assert f"{option}: expected a whole number >= 1, got -5" in capsys.readouterr().err
+
+
+def test_out_that_is_a_file_or_under_a_file_is_refused(tmp_path, capsys):
+    data = tmp_path / "data"
+    main(["synth", "--out", str(data), "--patients", "2", "--quiet"])
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    capsys.readouterr()
+    for command in (["pretrain", "--method", "pcl"], ["finetune", "--method", "unet_random", "--labeled", "1"],
+                    ["experiment", "--methods", "unet_random"]):
+        assert main([*command, "--data", str(data), "--out", str(blocker), "--quiet"]) == 2
+        assert _error(capsys) == f"--out {blocker}: exists and is not a folder"
+        assert main([*command, "--data", str(data), "--out", str(blocker / "run"), "--quiet"]) == 2
+        assert _error(capsys) == f"--out {blocker / 'run'}: {blocker} is a file, not a folder"
+    assert blocker.read_text() == "not a folder"
+
+
+def test_evaluate_out_folder_is_refused_before_evaluating(tmp_path, capsys):
+    code = main(["evaluate", "--data", str(tmp_path), "--checkpoint", str(tmp_path / "never_read.pt"),
+                 "--out", str(tmp_path)])
+    assert code == 2
+    assert _error(capsys).startswith(f"--out {tmp_path}: is a folder; expected a file name for the JSON")
+
+
+def test_evaluate_refuses_a_pretraining_encoder(tmp_path, capsys):
+    import torch
+
+    from kpssl.settings import preset
+    from kpssl.train.networks import PretrainNetwork
+
+    settings = preset("tiny")
+    network = PretrainNetwork("pcl", settings.model, settings.pretrain)
+    encoder = tmp_path / "encoder.pt"  # as kpssl pretrain writes it (an untrained decoder inside)
+    torch.save({"method": "pcl", "model": network.encoder_state(), "settings": settings.to_dict()}, encoder)
+    main(["synth", "--out", str(tmp_path / "data"), "--patients", "5", "--quiet"])
+    capsys.readouterr()
+    assert main(["evaluate", "--data", str(tmp_path / "data"), "--checkpoint", str(encoder)]) == 2
+    assert _error(capsys) == (f"{encoder}: an encoder (encoder.pt) written by kpssl pretrain, not a fine-tuned network; "
+                              "evaluation needs the best.pt of a kpssl finetune run")
+
+
+def test_keypoints_takes_the_settings_options_and_detects_decathlon(tiny_decathlon, capsys):
+    assert main(["keypoints", str(tiny_decathlon), "--quiet", "--set", "keypoints.max_keypoints=8",
+                 "--set", "data.spacing_mm=null"]) == 0
+    assert (tiny_decathlon / ".kpssl_cache").is_dir()
+    assert main(["keypoints", str(tiny_decathlon), "--quiet", "--set", "keypoints.max_keypoints=0"]) == 2
+    assert _error(capsys) == "--set: keypoints.max_keypoints: expected an integer >= 1, got 0"
+
+
+def test_data_errors_exit_2_with_the_message_and_bugs_keep_their_traceback(tmp_path, capsys, monkeypatch):
+    assert main(["pretrain", "--data", str(tmp_path / "absent"), "--method", "pcl", "--out", str(tmp_path / "o"),
+                 "--quiet"]) == 2
+    assert _error(capsys) == f"{tmp_path / 'absent'}: folder not found"
+
+    import kpssl.cli as cli
+    import numpy as np
+
+    def buggy(args):
+        return np.zeros(3) + np.zeros(4)  # a ValueError raised inside numpy: a bug, not a user error
+
+    parser = cli.build_parser
+    monkeypatch.setattr(cli, "build_parser", lambda: _with_handler(parser(), buggy))
+    with pytest.raises(ValueError, match="broadcast"):
+        main(["summary"])
+
+
+def _with_handler(parser, handler):
+    parser.set_defaults(handler=handler)
+    for action in parser._subparsers._group_actions:
+        for sub in action.choices.values():
+            sub.set_defaults(handler=handler)
+    return parser

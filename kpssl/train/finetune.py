@@ -11,7 +11,6 @@ test fold itself, a leak) exists only as ``selection="test_fold"``, labelled as 
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +37,7 @@ from .common import (
 )
 from .networks import segmentation_model
 from .pretrain import to_device
+from .run import RunError, RunIdentity, claim_run, weights_fingerprint, write_json
 
 __all__ = ["FINETUNE_METHODS", "FinetuneResult", "load_encoder", "predict_volume", "evaluate_volumes", "finetune"]
 
@@ -67,6 +67,9 @@ def load_encoder(model: nn.Module, path: str | Path, method: str) -> list[str]:
     state = load_checkpoint(path)
     if "model" not in state or "method" not in state:
         raise ValueError(f"{path}: not an encoder checkpoint written by kpssl pretrain")
+    if state.get("kind", "encoder") != "encoder" or "epoch" in state or "step" in state:
+        raise ValueError(f"{path}: not an encoder.pt of kpssl pretrain (a {state.get('kind', 'training')} "
+                         "checkpoint); pass the encoder.pt of a pretraining run")
     if state["method"] != method:
         raise ValueError(f"{path}: pretrained with {state['method']!r}, cannot initialise {method!r}")
     own = model.state_dict()
@@ -147,12 +150,16 @@ def finetune(
     max_epochs: int | None = None,
     progress: bool = True,
     device: str | None = None,
+    allow_change: tuple[str, ...] = (),
+    command: str | None = None,
 ) -> FinetuneResult:
     """Fine-tune ``method`` on ``labelled`` patients of fold ``fold`` and evaluate on the test fold.
 
     ``encoder`` is the ``encoder.pt`` of a pretraining run (required for pretrained methods, refused for
     ``unet_random``/``kaf_random``). Writes ``settings.yaml``, ``log.csv``, ``checkpoint.pt`` (latest),
-    ``best.pt`` (selected weights) and ``result.json`` to ``out``.
+    ``best.pt`` (selected weights) and ``result.json`` to ``out``, and ``run.json``, which records what
+    the run is (method, fold, M, data, encoder, settings; :mod:`kpssl.train.run`): resuming a folder that
+    holds another run is refused before any work, except for the changes named in ``allow_change``.
     """
     if method not in FINETUNE_METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {', '.join(FINETUNE_METHODS)}")
@@ -162,6 +169,8 @@ def finetune(
     ft = settings.finetune
     if ft.selection not in ("validation", "test_fold"):
         raise ValueError(f"selection must be 'validation' or 'test_fold', got {ft.selection!r}")
+    if max_epochs is not None and max_epochs < 1:
+        raise ValueError(f"max_epochs must be at least 1, got {max_epochs}")
     out = Path(out)
     rt = runtime(ft.mixed_precision, device)
     seed_everything(settings.seed)
@@ -174,6 +183,12 @@ def finetune(
         raise ValueError("selection='validation' needs validation patients, but splits.validation_fraction is 0; "
                          "raise it, or choose selection='test_fold' (the authors' protocol) knowingly")
     class_names = [cases[0].labels.get(c, str(c)) for c in range(1, settings.data.classes)]
+    if encoder is not None and not Path(encoder).is_file():
+        raise RunError(f"{encoder}: encoder not found (the encoder.pt of a kpssl pretrain run)")
+    identity = RunIdentity.of("finetune", method, settings, cases, Path(data), fold=fold, labeled=labelled,
+                              encoder=None if encoder is None else weights_fingerprint(encoder))
+    claim_run(out, identity, resume=resume, allow_change=allow_change, command=command, settings=settings,
+              write=rt.main)
     by_patient = {p: [c for c in cases if c.patient == p] for p in patients}
 
     def volumes_of(group: Sequence[str]) -> list[PreparedVolume]:
@@ -266,12 +281,12 @@ def finetune(
         if rt.main:
             if score > best_score:
                 best_score, best_epoch = score, epoch
-                save_checkpoint(out / "best.pt", {"method": method, "model": network.state_dict(), "epoch": epoch,
-                                                  "settings": settings.to_dict()})
+                save_checkpoint(out / "best.pt", {"kind": "finetuned", "method": method, "model": network.state_dict(),
+                                                  "epoch": epoch, "settings": settings.to_dict()})
             log.write({"epoch": epoch, "step": step, "lr": lr, "loss": float(np.mean(losses)),
                        "selection_dice": score, "seconds": round(elapsed(), 3)})
             save_checkpoint(checkpoint_path, {
-                "method": method, "epoch": epoch, "step": step, "model": network.state_dict(),
+                "kind": "finetuned", "method": method, "epoch": epoch, "step": step, "model": network.state_dict(),
                 "optimiser": optimiser.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
                 "best_score": best_score, "best_epoch": best_epoch, "initial_score": initial_score,
                 "settings": settings.to_dict(), "seconds": elapsed()})
@@ -289,9 +304,8 @@ def finetune(
         "train_patients": list(train_patients), "validation_patients": list(split.validation),
         "test_patients": list(split.test), "encoder": None if encoder is None else str(encoder),
         "checkpoint": str(out / "best.pt"), "seconds": seconds, "test": test, "settings": settings.to_dict(),
+        "settings_hash": identity.settings_hash, "data": identity.data, "encoder_weights": identity.encoder,
     }
     if rt.main:
-        tmp = out / "result.json.tmp"
-        tmp.write_text(json.dumps(result, indent=2))
-        tmp.replace(out / "result.json")
+        write_json(out / "result.json", result)
     return FinetuneResult(out, {"dice_3d": best_score, "initial_dice_3d": initial_score}, test, best_epoch, seconds)

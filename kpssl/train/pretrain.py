@@ -19,7 +19,6 @@ batch is made (:func:`kpssl.keypoints.collate_pairs`), not in the step.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..data.layouts import find_cases
 from ..data.slices import load_volumes
 from ..keypoints import KeypointCache, PairDataset, collate_pairs
 from ..settings import Settings, save_settings
@@ -38,6 +38,7 @@ from .common import (
     rng_state, runtime, save_checkpoint, seed_everything, set_rng_state, sync_batchnorm,
 )
 from .networks import METHODS, VIEWS, PretrainNetwork
+from .run import RunIdentity, claim_run, write_json
 
 __all__ = ["PretrainResult", "pretrain", "to_device"]
 
@@ -82,6 +83,8 @@ def pretrain(
     checkpoint_every_steps: int | None = None,
     log_every_steps: int | None = None,
     volumes: list | None = None,
+    allow_change: tuple[str, ...] = (),
+    command: str | None = None,
 ) -> PretrainResult:
     """Pretrain ``method`` on the (unlabelled) volumes under ``data``; write everything to ``out``.
 
@@ -91,15 +94,25 @@ def pretrain(
     ``checkpoint.pt`` exactly where it stopped. ``checkpoint_every_steps`` adds mid-epoch checkpoints.
     ``log_every_steps`` (default: every step on the CPU, every 50 on a GPU) sets how often the loss terms
     are copied to the host, written and checked (the module docstring); the log holds every step either way.
+    ``out/run.json`` records what the run is (:mod:`kpssl.train.run`); resuming a folder that holds
+    another run (other method, data or settings) is refused before any work, except for the changes
+    named in ``allow_change`` (more epochs). ``command`` is recorded there.
     """
     if method not in METHODS:
         raise ValueError(f"unknown pretraining method {method!r}; expected one of {', '.join(METHODS)}")
+    if max_steps is not None and max_steps < 1:
+        raise ValueError(f"max_steps must be at least 1, got {max_steps}")
     out = Path(out)
     p = settings.pretrain
     rt = runtime(p.mixed_precision, device)
     seed_everything(settings.seed)
+    cases = [v.case for v in volumes] if volumes is not None else \
+        find_cases(Path(data), settings.data.layout, require_labels=False)
+    identity = RunIdentity.of("pretrain", method, settings, cases, Path(data))
+    claim_run(out, identity, resume=resume, allow_change=allow_change, command=command, settings=settings,
+              write=rt.main)
     if volumes is None:
-        volumes = load_volumes(data, settings.data, labels=False)
+        volumes = load_volumes(cases, settings.data, labels=False)
     cache = KeypointCache(Path(data))
     dataset = PairDataset(volumes, settings, cache, seed=settings.seed, views=VIEWS[method])
     order = EpochOrder(len(dataset), p.batch_size, settings.seed, rt.rank, rt.world)
@@ -231,11 +244,10 @@ def pretrain(
     seconds = elapsed()
     checkpoint(seconds)
     if rt.main:
-        save_checkpoint(out / "encoder.pt", {"method": method, "model": network.encoder_state(),
+        save_checkpoint(out / "encoder.pt", {"kind": "encoder", "method": method, "model": network.encoder_state(),
                                              "settings": settings.to_dict()})
         result = {"method": method, "steps": step, "seconds": seconds, "last_terms": terms,
-                  "device": str(rt.device), "world": rt.world}
-        tmp = out / "result.json.tmp"
-        tmp.write_text(json.dumps(result, indent=2))
-        tmp.replace(out / "result.json")
+                  "device": str(rt.device), "world": rt.world, "settings_hash": identity.settings_hash,
+                  "data": identity.data}
+        write_json(out / "result.json", result)
     return PretrainResult(out, checkpoint_path, step, seconds, terms, network)
