@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from kpssl.data.synthetic import write_synthetic_acdc
-from kpssl.settings import preset
+from small import small_settings as shared_small_settings
 from kpssl.train import common
 from kpssl.train.common import NonFiniteLossError, load_checkpoint, rng_state, runtime, save_checkpoint, set_rng_state
 
@@ -22,14 +22,8 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 
 
 def small_settings(**changes):
-    values = {
-        "data.patch": 64, "keypoints.max_keypoints": 24, "model.width": 4, "model.descriptor_dim": 16,
-        "model.attention_blocks": 1, "model.fusion_hidden": 8, "model.matching_blocks": 2,
-        "model.projection_dim": 16, "pretrain.batch_size": 4, "pretrain.epochs": 1, "pretrain.workers": 0,
-        "pretrain.sinkhorn_iterations": 5, "finetune.epochs": 2, "finetune.batch_size": 4, "finetune.workers": 0,
-    }
-    values.update(changes)
-    return preset("tiny").replace(**values)
+    """The training tests' small settings, with one pretraining epoch unless told otherwise."""
+    return shared_small_settings(**{"pretrain.epochs": 1, **changes})
 
 
 @pytest.fixture(scope="module")

@@ -13,25 +13,13 @@ import torch
 import torch.multiprocessing as mp
 
 from kpssl.data.synthetic import write_synthetic_acdc
-from kpssl.settings import preset
 from kpssl.train import common
 from kpssl.train.common import NonFiniteLossError, load_checkpoint
 from kpssl.train.experiment import collect_table, run_experiment
 from kpssl.train.finetune import finetune, load_encoder
 from kpssl.train.networks import VIEWS, PretrainNetwork, segmentation_model
 from kpssl.train.pretrain import pretrain
-
-
-def small_settings(**changes):
-    """The tiny preset made smaller still: 64 px patches, narrow widths, few keypoints and steps."""
-    values = {
-        "data.patch": 64, "keypoints.max_keypoints": 24, "model.width": 4, "model.descriptor_dim": 16,
-        "model.attention_blocks": 1, "model.fusion_hidden": 8, "model.matching_blocks": 2,
-        "model.projection_dim": 16, "pretrain.batch_size": 4, "pretrain.epochs": 2, "pretrain.workers": 0,
-        "pretrain.sinkhorn_iterations": 5, "finetune.epochs": 2, "finetune.batch_size": 4, "finetune.workers": 0,
-    }
-    values.update(changes)
-    return preset("tiny").replace(**values)
+from small import small_settings
 
 
 @pytest.fixture(scope="module")
