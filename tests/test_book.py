@@ -73,7 +73,9 @@ def test_no_visible_test_markers(chapter):
 
 
 def test_widgets_are_not_the_page_view():
-    """A widget's output is removed from the page: its static figure follows it."""
+    """A widget's output is removed from the page: its static figure follows it, and no widget
+    manager is loaded from a CDN (a page would wait on it without a network)."""
+    assert CONFIG["sphinx"]["config"]["nb_ipywidgets_js"] == {}
     for chapter in CHAPTERS:
         cells = json.loads(chapter.read_text())["cells"]
         for index, cell in enumerate(cells):
