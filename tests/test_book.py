@@ -55,16 +55,7 @@ def test_citations_exist_and_entries_have_links():
     assert cited and cited <= set(entries), cited - set(entries)
 
 
-# chapters whose nbval markers are still comments in the source (to be moved into cell tags)
-MARKERS_IN_SOURCE = {"05_objectives", "07_finetuning", "08_ablations_attention"}
-
-
-@pytest.mark.parametrize(
-    "chapter",
-    [pytest.param(c, marks=pytest.mark.xfail(reason="markers in the source"))
-     if c.stem in MARKERS_IN_SOURCE else c for c in CHAPTERS],
-    ids=[c.stem for c in CHAPTERS],
-)
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=[c.stem for c in CHAPTERS])
 def test_no_visible_test_markers(chapter):
     """nbval reads the nbval-check-output tag as it reads the comment, which the page would show."""
     for cell in json.loads(chapter.read_text())["cells"]:
