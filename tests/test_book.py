@@ -75,3 +75,21 @@ def test_widgets_are_not_the_page_view():
                 assert "remove-output" in cell["metadata"].get("tags", []), chapter.name
                 after = "".join("".join(c["source"]) for c in cells[index + 1:index + 3])
                 assert "plt.show()" in after or "fig" in after, chapter.name
+
+
+def test_bibliography_labels_read_like_the_citations():
+    import importlib.util
+
+    from pybtex.database import parse_file
+
+    spec = importlib.util.spec_from_file_location("bibstyle", ROOT / "book" / "_ext" / "bibstyle.py")
+    bibstyle = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bibstyle)
+    entries = parse_file(ROOT / "book" / "references.bib").entries
+    labels = {key: bibstyle.author_year_label(entry) for key, entry in entries.items()}
+    assert labels["lowe2004sift"] == "Lowe, 2004"
+    assert labels["peyre2019cot"] == "Peyré and Cuturi, 2019"
+    assert labels["yang2023kaf"] == "Yang et al., 2023"
+    style = bibstyle.AuthorYearLabelStyle()
+    unique = list(style.format_labels([entries["chen2020simclr"], entries["chen2020simclr"]]))
+    assert unique == ["Chen et al., 2020a", "Chen et al., 2020b"]

@@ -12,12 +12,14 @@ from __future__ import annotations
 from collections import Counter
 
 from pybtex.plugin import register_plugin
+from pybtex.richtext import Text
 from pybtex.style.formatting.unsrt import Style as UnsrtStyle
 from pybtex.style.labels import BaseLabelStyle
 
 
 def _surname(person) -> str:
-    return " ".join(person.prelast_names + person.last_names).replace("{", "").replace("}", "")
+    """The printed surname: TeX accents resolved (``Peyr{\\'e}`` gives "Peyré"), braces dropped."""
+    return Text.from_latex(" ".join(person.prelast_names + person.last_names)).render_as("text")
 
 
 def author_year_label(entry) -> str:
