@@ -121,7 +121,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.out:
         out = Path(args.out)
         if out.is_dir():
-            raise RunError(f"--out {out}: is a folder; expected a file name for the JSON (e.g. {out / 'evaluation.json'})")
+            raise RunError(f"--out {out}: is a folder; expected a file name for the JSON "
+                           f"(e.g. {out / 'evaluation.json'})")
         check_output_folder(out.parent, "--out")
     summary = evaluate_checkpoint(Path(args.checkpoint), Path(args.data), args.fold, split=args.split)
     text = json.dumps({k: v for k, v in summary.items() if k != "per_volume"}, indent=2)
@@ -170,6 +171,7 @@ def _non_negative_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .settings import PRESETS
+    from .train.methods import FINETUNE_METHODS, PRETRAIN_METHODS
     from .train.run import SAFE_CHANGES
 
     parser = argparse.ArgumentParser(prog="kpssl", description="Keypoint-augmented self-supervised segmentation.")
@@ -214,14 +216,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = command("pretrain", _pretrain, "self-supervised pretraining of one method")
     run_options(sub)
-    sub.add_argument("--method", required=True, choices=["kaf", "pcl", "gcl", "simclr"])
+    sub.add_argument("--method", required=True, choices=PRETRAIN_METHODS)
     sub.add_argument("--out", required=True, help="run folder")
     resume_options(sub)
     sub.add_argument("--max-steps", type=_positive_int, help="stop after this many steps")
 
     sub = command("finetune", _finetune, "fine-tune on M labelled patients of a fold and evaluate on its test fold")
     run_options(sub)
-    sub.add_argument("--method", required=True, choices=["unet_random", "kaf_random", "simclr", "gcl", "pcl", "kaf"])
+    sub.add_argument("--method", required=True, choices=FINETUNE_METHODS)
     sub.add_argument("--encoder", help="encoder.pt of a pretraining run (pretrained methods)")
     sub.add_argument("--fold", type=_non_negative_int, default=0)
     sub.add_argument("--labeled", type=_positive_int, required=True, help="M, the number of labelled patients")
@@ -238,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = command("experiment", _experiment, "the experiment table: methods x label budgets x folds, restartable")
     run_options(sub)
-    sub.add_argument("--methods", nargs="+", default=["unet_random", "kaf_random", "simclr", "gcl", "pcl", "kaf"])
+    sub.add_argument("--methods", nargs="+", choices=FINETUNE_METHODS, default=list(FINETUNE_METHODS))
     sub.add_argument("--labeled", nargs="+", type=_positive_int, default=[1, 2, 4])
     sub.add_argument("--folds", nargs="+", type=_non_negative_int, default=[0, 1, 2, 3, 4])
     sub.add_argument("--pretrain-scope", default="all", choices=["all", "train"],

@@ -143,8 +143,8 @@ def test_evaluate_refuses_a_pretraining_encoder(tmp_path, capsys):
     main(["synth", "--out", str(tmp_path / "data"), "--patients", "5", "--quiet"])
     capsys.readouterr()
     assert main(["evaluate", "--data", str(tmp_path / "data"), "--checkpoint", str(encoder)]) == 2
-    assert _error(capsys) == (f"{encoder}: an encoder (encoder.pt) written by kpssl pretrain, not a fine-tuned network; "
-                              "evaluation needs the best.pt of a kpssl finetune run")
+    assert _error(capsys) == (f"{encoder}: an encoder (encoder.pt) written by kpssl pretrain, not a fine-tuned "
+                              "network; evaluation needs the best.pt of a kpssl finetune run")
 
 
 def test_keypoints_takes_the_settings_options_and_detects_decathlon(tiny_decathlon, capsys):

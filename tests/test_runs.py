@@ -273,6 +273,7 @@ def test_kill_9_during_a_run_resumes_to_identical_weights_and_leaves_no_temporar
     stranded.write_bytes(b"half a checkpoint")
     resumed = pretrain(settings, data, "pcl", out, resume=True, progress=False, max_steps=8)
     assert resumed.steps == full.steps == 8
-    a, b = load_checkpoint(tmp_path / "full" / "checkpoint.pt")["model"], load_checkpoint(out / "checkpoint.pt")["model"]
+    a = load_checkpoint(tmp_path / "full" / "checkpoint.pt")["model"]
+    b = load_checkpoint(out / "checkpoint.pt")["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]

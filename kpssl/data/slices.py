@@ -14,10 +14,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..settings import DataSettings
+from ..settings import DataSettings, SplitSettings
 from .layouts import Case, find_cases
 from .nifti import DataError, read_volume
 from .preprocess import center_pad_crop, preprocess_volume
+from .splits import FoldSplit, fold_split
 
 __all__ = [
     "PreparedVolume",
@@ -27,6 +28,8 @@ __all__ = [
     "load_volumes",
     "slice_index",
     "LabelledSlices",
+    "FoldCases",
+    "fold_cases",
 ]
 
 
@@ -108,6 +111,38 @@ def load_volumes(
             raise ValueError(f"patients not in the data set: {', '.join(sorted(missing))}")
         cases = [c for c in cases if c.patient in wanted]
     return [prepare_case(c, settings, labels=labels) for c in cases]
+
+
+@dataclass
+class FoldCases:
+    """The cases of a data set and one fold's patient split, with the cases of any group of patients."""
+
+    cases: list[Case]
+    split: FoldSplit
+
+    @property
+    def patients(self) -> list[str]:
+        return sorted({c.patient for c in self.cases})
+
+    def of(self, patients: Iterable[str]) -> list[Case]:
+        """The cases of ``patients``, in the order given (a patient's cases in data set order)."""
+        return [c for p in patients for c in self.cases if c.patient == p]
+
+    def volumes(self, patients: Iterable[str], settings: DataSettings, *, labels: bool = True) -> list[PreparedVolume]:
+        """Read and preprocess the cases of ``patients``."""
+        return load_volumes(self.of(patients), settings, labels=labels)
+
+    def class_names(self, classes: int) -> list[str]:
+        """Names of the foreground classes 1 .. classes - 1 (from the data set's label table)."""
+        return [self.cases[0].labels.get(c, str(c)) for c in range(1, classes)]
+
+
+def fold_cases(root: str | Path, data: DataSettings, splits: SplitSettings, fold: int, *,
+               require_labels: bool = True) -> FoldCases:
+    """The data set's cases under ``root`` and fold ``fold``'s split of its patients (``train``,
+    ``validation``, ``test``): the one way to get a fold's cases and volumes."""
+    cases = find_cases(Path(root), data.layout, require_labels=require_labels)
+    return FoldCases(cases, fold_split(sorted({c.patient for c in cases}), fold, splits))
 
 
 def slice_index(volumes: Sequence[PreparedVolume]) -> np.ndarray:

@@ -12,13 +12,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..data.layouts import find_cases
-from ..data.slices import load_volumes
-from ..data.splits import fold_split
+from ..data.slices import fold_cases, load_volumes
 from ..keypoints import KeypointCache
 from ..settings import Settings
 from .common import load_checkpoint
-from .finetune import FINETUNE_METHODS, evaluate_volumes
+from .finetune import evaluate_volumes
+from .methods import FINETUNE_METHODS
 from .networks import segmentation_model
 from .run import RunError
 
@@ -46,11 +45,13 @@ def load_finetuned(path: str | Path, device: str | torch.device = "cpu") -> tupl
     state = load_checkpoint(path)
     kind = _kind(state) if isinstance(state, dict) else "unknown"
     if kind != "finetuned":
-        what = {"encoder": "an encoder (encoder.pt)", "pretraining checkpoint": "a pretraining checkpoint"}.get(kind, kind)
+        what = {"encoder": "an encoder (encoder.pt)",
+                "pretraining checkpoint": "a pretraining checkpoint"}.get(kind, f"a {kind} checkpoint")
         raise RunError(f"{path}: {what} written by kpssl pretrain, not a fine-tuned network; evaluation needs "
                        "the best.pt of a kpssl finetune run")
     if not {"method", "model", "settings"} <= set(state) or state["method"] not in FINETUNE_METHODS:
-        raise RunError(f"{path}: not a fine-tuned checkpoint written by kpssl finetune (no method, weights or settings)")
+        raise RunError(f"{path}: not a fine-tuned checkpoint written by kpssl finetune "
+                       "(no method, weights or settings)")
     settings = Settings.from_dict(state["settings"])
     model = segmentation_model(state["method"], settings.model)
     try:
@@ -68,10 +69,9 @@ def evaluate_checkpoint(checkpoint: Path, data: Path, fold: int, *, split: str =
         raise ValueError(f"split must be 'test' or 'validation', got {split!r}")
     torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, settings, state = load_finetuned(checkpoint, torch_device)
-    cases = find_cases(Path(data), settings.data.layout)
-    folds = fold_split(sorted({c.patient for c in cases}), fold, settings.splits)
-    patients = set(folds.test if split == "test" else folds.validation)
-    volumes = load_volumes([c for c in cases if c.patient in patients], settings.data)
-    names = [cases[0].labels.get(c, str(c)) for c in range(1, settings.data.classes)]
+    fold_data = fold_cases(data, settings.data, settings.splits, fold)
+    patients = set(fold_data.split.test if split == "test" else fold_data.split.validation)
+    volumes = load_volumes([c for c in fold_data.cases if c.patient in patients], settings.data)
+    names = fold_data.class_names(settings.data.classes)
     summary = evaluate_volumes(model, volumes, settings, KeypointCache(data), torch_device, names)
     return {"method": state["method"], "fold": fold, "split": split, "checkpoint": str(checkpoint), **summary}

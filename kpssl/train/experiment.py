@@ -34,8 +34,8 @@ from ..data.layouts import Case, find_cases
 from ..data.slices import load_volumes
 from ..data.splits import fold_split
 from ..settings import Settings
-from .finetune import FINETUNE_METHODS, PRETRAINED, finetune
-from .networks import METHODS
+from .finetune import finetune
+from .methods import FINETUNE_METHODS, PRETRAIN_METHODS, PRETRAINED
 from .pretrain import pretrain
 from .run import (
     RUN_FILE, RunError, RunIdentity, check_output_folder, code_version, describe_differences, identity_differences,
@@ -124,7 +124,7 @@ def validate_experiment_folder(out: Path, settings: Settings, data: Path, cases:
             problem = str(error)
         if problem:
             problems.append(problem)
-    for method in METHODS:
+    for method in PRETRAIN_METHODS:
         folds = sorted(p.name[4:] for p in (out / "pretrain" / method).glob("fold*") if p.name[4:].isdigit())
         for fold in ([int(f) for f in folds] if scope == "train" else [0]):
             folder = _pretrain_folder(out, method, fold, scope)
@@ -151,8 +151,9 @@ def _claim_experiment(out: Path, identity: RunIdentity, command: str | None, set
     if record is not None:
         differences = identity_differences(record["identity"], identity)
         if differences:
-            raise RunError(f"{out / RUN_FILE}: this folder holds a table made with {describe_differences(differences)}. "
-                           "Choose another --out for other settings or data (nothing was trained)")
+            raise RunError(f"{out / RUN_FILE}: this folder holds a table made with "
+                           f"{describe_differences(differences)}. Choose another --out for other settings or data "
+                           "(nothing was trained)")
     entry = {"command": command or "python API", "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
              "code": code_version()}
     record = {"identity": identity.to_dict(), "settings": settings.to_dict(),

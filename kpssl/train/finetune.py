@@ -24,10 +24,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..data.layouts import find_cases
 from ..data.preprocess import centre_offset
-from ..data.slices import PreparedVolume, load_volumes
-from ..data.splits import fold_split, labelled_subset
+from ..data.slices import FoldCases, PreparedVolume, fold_cases
+from ..data.splits import labelled_subset
 from ..eval.metrics import PooledDice, summarise, volume_scores
 from ..keypoints import KeypointCache, LabelledKeypointSlices, collate_labelled
 from ..settings import Settings, save_settings
@@ -35,14 +34,13 @@ from .common import (
     EpochOrder, StepLog, cosine_lr, load_checkpoint, rng_state, runtime, save_checkpoint, seed_everything,
     set_rng_state, sync_batchnorm, unwrap,
 )
+from .methods import FINETUNE_METHODS, PRETRAINED, check_finetune_method
 from .networks import segmentation_model
 from .pretrain import to_device
 from .run import RunError, RunIdentity, claim_run, weights_fingerprint, write_json
 
-__all__ = ["FINETUNE_METHODS", "FinetuneResult", "load_encoder", "predict_volume", "evaluate_volumes", "finetune"]
-
-FINETUNE_METHODS = ("unet_random", "kaf_random", "simclr", "gcl", "pcl", "kaf")
-PRETRAINED = {"simclr", "gcl", "pcl", "kaf"}
+__all__ = ["FINETUNE_METHODS", "PRETRAINED", "FinetuneResult", "load_encoder", "predict_volume", "evaluate_volumes",
+           "finetune"]
 
 
 @dataclass
@@ -137,6 +135,102 @@ def _loss(logits: torch.Tensor, label: torch.Tensor, kind: str) -> torch.Tensor:
     return ce + (1 - dice[1:].mean())
 
 
+@dataclass
+class _Progress:
+    """Where a fine-tuning run stands; saved in ``checkpoint.pt`` and restored on resume."""
+
+    epoch: int = 0
+    step: int = 0
+    best_score: float = -1.0
+    best_epoch: int = -1
+    initial_score: float = float("nan")
+    seconds_before: float = 0.0  # training time of earlier starts of this run
+
+
+def _network(method: str, settings: Settings, encoder: str | Path | None, rt) -> tuple[nn.Module, nn.Module]:
+    """The segmentation network (with the pretrained encoder loaded) and the module that trains it
+    (the same, or its DistributedDataParallel wrapper)."""
+    network = segmentation_model(method, settings.model)
+    if encoder is not None:
+        load_encoder(network, encoder, method)
+    network = network.to(rt.device)
+    model: nn.Module = network
+    if rt.distributed:
+        if rt.device.type == "cuda":
+            network = sync_batchnorm(network)
+        model = DistributedDataParallel(network, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    return network, model
+
+
+def _start(out: Path, resume: bool, rt, network: nn.Module, optimiser, scaler, log: StepLog) -> _Progress:
+    """Restore the run from ``checkpoint.pt`` (``resume``) or start it afresh."""
+    checkpoint_path = out / "checkpoint.pt"
+    if resume and checkpoint_path.is_file():
+        state = load_checkpoint(checkpoint_path, rt.device)
+        network.load_state_dict(state["model"])
+        optimiser.load_state_dict(state["optimiser"])
+        scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        progress = _Progress(state["epoch"], state["step"], state["best_score"], state["best_epoch"],
+                             state["initial_score"], float(state.get("seconds", 0.0)))
+        if rt.main:
+            log.truncate_after(progress.step)
+        return progress
+    if rt.main:
+        if checkpoint_path.is_file():
+            raise ValueError(f"{out}: holds a previous run; pass resume=True (--resume) or choose another folder")
+        out.mkdir(parents=True, exist_ok=True)
+        log.path.unlink(missing_ok=True)
+    return _Progress()
+
+
+def _train_epoch(model: nn.Module, dataset: LabelledKeypointSlices, order: EpochOrder, optimiser, scaler,
+                 progress: _Progress, settings: Settings, total_steps: int, rt) -> tuple[list[float], float]:
+    """One epoch of steps; returns the step losses and the last learning rate."""
+    ft = settings.finetune
+    model.train()
+    dataset.set_epoch(progress.epoch)
+    loader = DataLoader(dataset, batch_sampler=list(order.batches(progress.epoch)), num_workers=ft.workers,
+                        collate_fn=collate_labelled, pin_memory=rt.device.type == "cuda")
+    losses, lr = [], ft.lr
+    for item in loader:
+        item = to_device(item, rt.device)
+        lr = cosine_lr(progress.step, total_steps, ft.lr, ft.lr_min)
+        for group in optimiser.param_groups:
+            group["lr"] = lr
+        with rt.autocast():
+            if _uses_keypoints(model):
+                logits = model(item["image"], item["keypoints"], item["valid"])
+            else:
+                logits = model(item["image"])
+        loss = _loss(logits, item["label"], ft.loss)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"fine-tuning step {progress.step}: loss is {loss.item()}")
+        optimiser.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimiser)
+        scaler.update()
+        losses.append(loss.item())
+        progress.step += 1
+    return losses, lr
+
+
+def _save_epoch(out: Path, method: str, network: nn.Module, optimiser, scaler, progress: _Progress, score: float,
+                losses: list[float], lr: float, settings: Settings, log: StepLog, seconds: float) -> None:
+    """After an epoch: keep the best weights (``best.pt``), log the epoch, write ``checkpoint.pt``."""
+    if score > progress.best_score:
+        progress.best_score, progress.best_epoch = score, progress.epoch
+        save_checkpoint(out / "best.pt", {"kind": "finetuned", "method": method, "model": network.state_dict(),
+                                          "epoch": progress.epoch, "settings": settings.to_dict()})
+    log.write({"epoch": progress.epoch, "step": progress.step, "lr": lr, "loss": float(np.mean(losses)),
+               "selection_dice": score, "seconds": round(seconds, 3)})
+    save_checkpoint(out / "checkpoint.pt", {
+        "kind": "finetuned", "method": method, "epoch": progress.epoch, "step": progress.step,
+        "model": network.state_dict(), "optimiser": optimiser.state_dict(), "scaler": scaler.state_dict(),
+        "rng": rng_state(), "best_score": progress.best_score, "best_epoch": progress.best_epoch,
+        "initial_score": progress.initial_score, "settings": settings.to_dict(), "seconds": seconds})
+
+
 def finetune(
     settings: Settings,
     data: str | Path,
@@ -161,79 +255,28 @@ def finetune(
     the run is (method, fold, M, data, encoder, settings; :mod:`kpssl.train.run`): resuming a folder that
     holds another run is refused before any work, except for the changes named in ``allow_change``.
     """
-    if method not in FINETUNE_METHODS:
-        raise ValueError(f"unknown method {method!r}; expected one of {', '.join(FINETUNE_METHODS)}")
-    if (method in PRETRAINED) != (encoder is not None):
-        need = "needs" if method in PRETRAINED else "takes no"
-        raise ValueError(f"method {method!r} {need} a pretrained encoder (--encoder)")
-    ft = settings.finetune
-    if ft.selection not in ("validation", "test_fold"):
-        raise ValueError(f"selection must be 'validation' or 'test_fold', got {ft.selection!r}")
+    check_finetune_method(method, encoder)
+    ft, out = settings.finetune, Path(out)
     if max_epochs is not None and max_epochs < 1:
         raise ValueError(f"max_epochs must be at least 1, got {max_epochs}")
-    out = Path(out)
     rt = runtime(ft.mixed_precision, device)
     seed_everything(settings.seed)
-
-    cases = find_cases(Path(data), settings.data.layout)
-    patients = sorted({c.patient for c in cases})
-    split = fold_split(patients, fold, settings.splits)
-    train_patients = labelled_subset(split, labelled, settings.splits.subset_seed)
-    if ft.selection == "validation" and not split.validation:
-        raise ValueError("selection='validation' needs validation patients, but splits.validation_fraction is 0; "
-                         "raise it, or choose selection='test_fold' (the authors' protocol) knowingly")
-    class_names = [cases[0].labels.get(c, str(c)) for c in range(1, settings.data.classes)]
-    if encoder is not None and not Path(encoder).is_file():
-        raise RunError(f"{encoder}: encoder not found (the encoder.pt of a kpssl pretrain run)")
-    identity = RunIdentity.of("finetune", method, settings, cases, Path(data), fold=fold, labeled=labelled,
-                              encoder=None if encoder is None else weights_fingerprint(encoder))
-    claim_run(out, identity, resume=resume, allow_change=allow_change, command=command, settings=settings,
-              write=rt.main)
-    by_patient = {p: [c for c in cases if c.patient == p] for p in patients}
-
-    def volumes_of(group: Sequence[str]) -> list[PreparedVolume]:
-        return load_volumes([c for p in group for c in by_patient[p]], settings.data)
-
-    train_volumes = volumes_of(train_patients)
-    selection_volumes = volumes_of(split.validation if ft.selection == "validation" else split.test)
+    fold_data, train_patients, identity = _claim(settings, data, method, fold, labelled, out, encoder, resume,
+                                                 allow_change, command, rt.main)
+    split, class_names = fold_data.split, fold_data.class_names(settings.data.classes)
+    train_volumes = fold_data.volumes(train_patients, settings.data)
+    selection_volumes = fold_data.volumes(split.validation if ft.selection == "validation" else split.test,
+                                          settings.data)
     cache = KeypointCache(Path(data))
     dataset = LabelledKeypointSlices(train_volumes, settings, cache, augment=True)
-    batch = min(ft.batch_size, len(dataset))
-    order = EpochOrder(len(dataset), batch, settings.seed, rt.rank, rt.world, drop_last=False)
-
-    network = segmentation_model(method, settings.model)
-    if encoder is not None:
-        load_encoder(network, encoder, method)
-    network = network.to(rt.device)
-    model: nn.Module = network
-    if rt.distributed:
-        if rt.device.type == "cuda":
-            network = sync_batchnorm(network)
-        model = DistributedDataParallel(network, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    order = EpochOrder(len(dataset), min(ft.batch_size, len(dataset)), settings.seed, rt.rank, rt.world,
+                       drop_last=False)
+    network, model = _network(method, settings, encoder, rt)
     optimiser = torch.optim.Adam(network.parameters(), lr=ft.lr, weight_decay=ft.weight_decay)
     scaler = rt.grad_scaler()
     log = StepLog(out / "log.csv", ["epoch", "step", "lr", "loss", "selection_dice", "seconds"])
-    checkpoint_path = out / "checkpoint.pt"
     epochs = ft.epochs if max_epochs is None else min(ft.epochs, max_epochs)
-    total_steps = ft.epochs * order.steps_per_epoch
-    epoch, step, best_score, best_epoch, initial_score = 0, 0, -1.0, -1, float("nan")
-    seconds_before = 0.0  # training time of earlier starts of this run
-    if resume and checkpoint_path.is_file():
-        state = load_checkpoint(checkpoint_path, rt.device)
-        network.load_state_dict(state["model"])
-        optimiser.load_state_dict(state["optimiser"])
-        scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
-        epoch, step, best_score, best_epoch = state["epoch"], state["step"], state["best_score"], state["best_epoch"]
-        initial_score = state["initial_score"]
-        seconds_before = float(state.get("seconds", 0.0))
-        if rt.main:
-            log.truncate_after(step)
-    elif rt.main:
-        if checkpoint_path.is_file():
-            raise ValueError(f"{out}: holds a previous run; pass resume=True (--resume) or choose another folder")
-        out.mkdir(parents=True, exist_ok=True)
-        log.path.unlink(missing_ok=True)
+    state = _start(out, resume, rt, network, optimiser, scaler, log)
     if rt.main:
         save_settings(settings, out / "settings.yaml")
 
@@ -241,71 +284,63 @@ def finetune(
         return evaluate_volumes(net, selection_volumes, settings, cache, rt.device, class_names, hd95=False)["dice_3d"]
 
     started = time.perf_counter()
-
-    def elapsed() -> float:
-        return seconds_before + time.perf_counter() - started
-
-    if epoch == 0:  # the initialisation's score, so a run shows what fine-tuning gained
-        initial_score = select(network)
+    if state.epoch == 0:  # the initialisation's score, so a run shows what fine-tuning gained
+        state.initial_score = select(network)
         if rt.main:
-            log.write({"epoch": 0, "step": 0, "lr": ft.lr, "selection_dice": initial_score, "seconds": 0.0})
-    bar = tqdm(total=epochs, initial=epoch, desc=f"finetune {method} M={labelled} fold {fold}",
+            log.write({"epoch": 0, "step": 0, "lr": ft.lr, "selection_dice": state.initial_score, "seconds": 0.0})
+    bar = tqdm(total=epochs, initial=state.epoch, desc=f"finetune {method} M={labelled} fold {fold}",
                disable=not (progress and rt.main), dynamic_ncols=True)
-    while epoch < epochs:
-        model.train()
-        dataset.set_epoch(epoch)
-        loader = DataLoader(dataset, batch_sampler=list(order.batches(epoch)), num_workers=ft.workers,
-                            collate_fn=collate_labelled, pin_memory=rt.device.type == "cuda")
-        losses = []
-        for item in loader:
-            item = to_device(item, rt.device)
-            lr = cosine_lr(step, total_steps, ft.lr, ft.lr_min)
-            for group in optimiser.param_groups:
-                group["lr"] = lr
-            with rt.autocast():
-                if _uses_keypoints(model):
-                    logits = model(item["image"], item["keypoints"], item["valid"])
-                else:
-                    logits = model(item["image"])
-            loss = _loss(logits, item["label"], ft.loss)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"fine-tuning step {step}: loss is {loss.item()}")
-            optimiser.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimiser)
-            scaler.update()
-            losses.append(loss.item())
-            step += 1
-        epoch += 1
+    while state.epoch < epochs:
+        losses, lr = _train_epoch(model, dataset, order, optimiser, scaler, state, settings,
+                                  ft.epochs * order.steps_per_epoch, rt)
+        state.epoch += 1
         score = select(network)
         if rt.main:
-            if score > best_score:
-                best_score, best_epoch = score, epoch
-                save_checkpoint(out / "best.pt", {"kind": "finetuned", "method": method, "model": network.state_dict(),
-                                                  "epoch": epoch, "settings": settings.to_dict()})
-            log.write({"epoch": epoch, "step": step, "lr": lr, "loss": float(np.mean(losses)),
-                       "selection_dice": score, "seconds": round(elapsed(), 3)})
-            save_checkpoint(checkpoint_path, {
-                "kind": "finetuned", "method": method, "epoch": epoch, "step": step, "model": network.state_dict(),
-                "optimiser": optimiser.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
-                "best_score": best_score, "best_epoch": best_epoch, "initial_score": initial_score,
-                "settings": settings.to_dict(), "seconds": elapsed()})
+            _save_epoch(out, method, network, optimiser, scaler, state, score, losses, lr, settings, log,
+                        state.seconds_before + time.perf_counter() - started)
         bar.update(1)
-        bar.set_postfix(loss=f"{np.mean(losses):.3f}", dice=f"{score:.3f}", best=f"{best_score:.3f}")
+        bar.set_postfix(loss=f"{np.mean(losses):.3f}", dice=f"{score:.3f}", best=f"{state.best_score:.3f}")
     bar.close()
 
     network.load_state_dict(load_checkpoint(out / "best.pt", rt.device)["model"])
-    test = evaluate_volumes(network, volumes_of(split.test), settings, cache, rt.device, class_names)
-    seconds = elapsed()
-    result = {
-        "method": method, "fold": fold, "labeled": labelled, "seed": settings.seed, "preset": settings.name,
-        "selection": ft.selection, "best_epoch": best_epoch, "selection_dice_3d": best_score,
-        "initial_selection_dice_3d": initial_score,
+    test = evaluate_volumes(network, fold_data.volumes(split.test, settings.data), settings, cache, rt.device,
+                            class_names)
+    seconds = state.seconds_before + time.perf_counter() - started
+    if rt.main:
+        write_json(out / "result.json", _record(identity, settings, state, fold_data, train_patients, encoder, out,
+                                                seconds, test))
+    return FinetuneResult(out, {"dice_3d": state.best_score, "initial_dice_3d": state.initial_score}, test,
+                          state.best_epoch, seconds)
+
+
+def _record(identity: RunIdentity, settings: Settings, state: _Progress, fold_data: FoldCases,
+            train_patients: Sequence[str], encoder: str | Path | None, out: Path, seconds: float, test: dict) -> dict:
+    """What ``result.json`` holds: the run, its patients, its selection, its test scores and settings."""
+    split = fold_data.split
+    return {
+        "method": identity.method, "fold": identity.fold, "labeled": identity.labeled, "seed": settings.seed,
+        "preset": settings.name, "selection": settings.finetune.selection, "best_epoch": state.best_epoch,
+        "selection_dice_3d": state.best_score, "initial_selection_dice_3d": state.initial_score,
         "train_patients": list(train_patients), "validation_patients": list(split.validation),
         "test_patients": list(split.test), "encoder": None if encoder is None else str(encoder),
         "checkpoint": str(out / "best.pt"), "seconds": seconds, "test": test, "settings": settings.to_dict(),
         "settings_hash": identity.settings_hash, "data": identity.data, "encoder_weights": identity.encoder,
     }
-    if rt.main:
-        write_json(out / "result.json", result)
-    return FinetuneResult(out, {"dice_3d": best_score, "initial_dice_3d": initial_score}, test, best_epoch, seconds)
+
+
+def _claim(settings: Settings, data: str | Path, method: str, fold: int, labelled: int, out: Path,
+           encoder: str | Path | None, resume: bool, allow_change: tuple[str, ...], command: str | None,
+           main: bool) -> tuple[FoldCases, Sequence[str], RunIdentity]:
+    """Check the fold, the budget and the encoder, then claim ``out`` for this run (:func:`claim_run`):
+    everything that can refuse the run, before any volume is read."""
+    fold_data = fold_cases(data, settings.data, settings.splits, fold)
+    train_patients = labelled_subset(fold_data.split, labelled, settings.splits.subset_seed)
+    if settings.finetune.selection == "validation" and not fold_data.split.validation:
+        raise ValueError("selection='validation' needs validation patients, but splits.validation_fraction is 0; "
+                         "raise it, or choose selection='test_fold' (the authors' protocol) knowingly")
+    if encoder is not None and not Path(encoder).is_file():
+        raise RunError(f"{encoder}: encoder not found (the encoder.pt of a kpssl pretrain run)")
+    identity = RunIdentity.of("finetune", method, settings, fold_data.cases, Path(data), fold=fold, labeled=labelled,
+                              encoder=None if encoder is None else weights_fingerprint(encoder))
+    claim_run(out, identity, resume=resume, allow_change=allow_change, command=command, settings=settings, write=main)
+    return fold_data, train_patients, identity

@@ -38,7 +38,8 @@ from ..data.layouts import Case, detect_layout
 __all__ = [
     "RUN_FILE", "RESULT_FILES", "SAFE_CHANGES", "RunError", "RunIdentity", "data_fingerprint",
     "weights_fingerprint", "code_version", "read_json", "read_run", "legacy_identity", "identity_differences",
-    "describe_differences", "claim_run", "check_output_folder", "atomic_write", "write_json", "write_text", "remove_stale_temporaries",
+    "describe_differences", "claim_run", "check_output_folder", "atomic_write", "write_json", "write_text",
+    "remove_stale_temporaries",
 ]
 
 RUN_FILE = "run.json"
@@ -274,8 +275,7 @@ def claim_run(
     changes: dict[str, list] = {}
     if has_results:
         if not resume:
-            raise RunError(f"{out}: holds a previous run; pass resume=True (--resume) to continue it, or choose "
-                           "another folder")
+            raise RunError(f"{out}: holds a previous run; pass resume=True (--resume) or choose another folder")
         stored = record["identity"] if record else legacy_identity(out)
         differences = identity_differences(stored, identity) if stored else {}
         for key in sorted(set(differences) & allow):
