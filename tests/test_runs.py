@@ -277,3 +277,25 @@ def test_kill_9_during_a_run_resumes_to_identical_weights_and_leaves_no_temporar
     b = load_checkpoint(out / "checkpoint.pt")["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_collect_table_refuses_a_row_mixing_settings_but_not_a_setting_added_later(tmp_path):
+    from kpssl.train.experiment import collect_table
+
+    def result(fold: int, **changes) -> None:
+        settings = small_settings(**changes).to_dict()
+        if fold == 2:
+            del settings["finetune"]["lr_min"]  # written before this setting existed
+        path = tmp_path / "finetune" / "unet_random" / "M1" / f"fold{fold}" / "result.json"
+        write_json(path, {"method": "unet_random", "fold": fold, "labeled": 1, "seconds": 1.0, "settings": settings,
+                          "test": {"dice_3d": 0.5 + fold / 10, "dice_2d_pooled": 0.5, "hd95_mm": 3.0}})
+
+    result(0)
+    result(1, **{"pretrain.lr": 0.5})  # pretraining settings do not change a unet_random run
+    result(2)
+    rows = collect_table(tmp_path)
+    assert rows[0]["folds"] == 3 and rows[0]["dice_3d_mean"] == pytest.approx(0.6)
+    result(3, **{"finetune.epochs": 9})
+    with pytest.raises(RunError, match=r"fold3/result\.json: made with other settings or data than .*fold0/result\.json "
+                                       r"\(differing: finetune\.epochs\)"):
+        collect_table(tmp_path)

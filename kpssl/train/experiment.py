@@ -39,7 +39,7 @@ from .methods import FINETUNE_METHODS, PRETRAIN_METHODS, PRETRAINED
 from .pretrain import pretrain
 from .run import (
     RUN_FILE, RunError, RunIdentity, check_output_folder, code_version, describe_differences, identity_differences,
-    legacy_identity, read_json, read_run, write_json,
+    legacy_identity, read_json, read_run, relevant_settings, write_json,
 )
 
 __all__ = ["TABLE_COLUMNS", "run_experiment", "validate_experiment_folder", "collect_table", "write_table",
@@ -165,21 +165,24 @@ def _claim_experiment(out: Path, identity: RunIdentity, command: str | None, set
 def collect_table(out: Path) -> list[dict]:
     """Mean and standard deviation over folds of every finished (method, M).
 
-    The rows of one (method, M) must come from runs of one identity (settings and data); a mix is
+    The rows of one (method, M) must come from runs of one identity: any setting the runs share (a run
+    made before a setting existed simply lacks it) and the data fingerprint must agree, or the table is
     refused naming the files."""
     rows = []
     by_key: dict[tuple[str, int], list[dict]] = {}
-    origin: dict[tuple[str, int], dict[tuple, Path]] = {}
+    first: dict[tuple[str, int], tuple[Path, dict]] = {}
     for path in sorted((out / "finetune").glob("*/M*/fold*/result.json")):
         result = read_finetune_result(path)
         key = (result["method"], int(result["labeled"]))
         by_key.setdefault(key, []).append(result["test"])
-        origin.setdefault(key, {}).setdefault((result.get("settings_hash"), result.get("data")), path)
-    for key, kinds in origin.items():
-        known = {k for k in kinds if k != (None, None)}
-        if len(known) > 1:
-            raise RunError(f"{out}: the runs of {key[0]} M={key[1]} come from different settings or data "
-                           f"({', '.join(str(p) for p in kinds.values())}); they cannot share a row")
+        keys = relevant_settings("finetune", result.get("settings") or {})
+        if result.get("data"):
+            keys["data"] = result["data"]
+        reference_path, reference = first.setdefault(key, (path, keys))
+        differing = sorted(k for k in keys.keys() & reference.keys() if keys[k] != reference[k])
+        if differing:
+            raise RunError(f"{path}: made with other settings or data than {reference_path} (differing: "
+                           f"{', '.join(differing[:6])}); runs of one table row must share them")
     order = {m: i for i, m in enumerate(FINETUNE_METHODS)}
     for (method, m), tests in sorted(by_key.items(), key=lambda kv: (order.get(kv[0][0], 99), kv[0][1])):
         row: dict = {"method": method, "M": m, "folds": len(tests)}

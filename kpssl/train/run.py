@@ -38,7 +38,7 @@ from ..data.layouts import Case, detect_layout
 __all__ = [
     "RUN_FILE", "RESULT_FILES", "SAFE_CHANGES", "RunError", "RunIdentity", "data_fingerprint",
     "weights_fingerprint", "code_version", "read_json", "read_run", "legacy_identity", "identity_differences",
-    "describe_differences", "claim_run", "check_output_folder", "atomic_write", "write_json", "write_text",
+    "describe_differences", "relevant_settings", "claim_run", "check_output_folder", "atomic_write", "write_json", "write_text",
     "remove_stale_temporaries",
 ]
 
@@ -65,6 +65,13 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
     return out
+
+
+def relevant_settings(kind: str, settings: dict) -> dict[str, Any]:
+    """The settings (a ``Settings.to_dict()``) that a run of ``kind`` reads, flattened to dotted names,
+    without the neutral ones."""
+    flat = _flatten({group: settings[group] for group in GROUPS[kind] if group in settings})
+    return {k: v for k, v in flat.items() if k not in NEUTRAL}
 
 
 def _digest(value: Any) -> str:
