@@ -23,6 +23,7 @@ TEXT = ("text/plain",)
 def stripped(notebook: dict) -> dict:
     """The notebook with only the reference outputs of checked cells (their text and counts)."""
     for cell in notebook["cells"]:
+        cell.get("metadata", {}).pop("execution", None)  # timings written by the executor
         if cell["cell_type"] != "code":
             continue
         if CHECKED not in cell.get("metadata", {}).get("tags", []):
