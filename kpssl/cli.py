@@ -282,6 +282,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.argv = argv
     try:
         return args.handler(args)
+    except KeyboardInterrupt:
+        print("kpssl: interrupted (a run continues from its last checkpoint with --resume)", file=sys.stderr)
+        return 130
     except Exception as error:
         if not _user_error(error) or os.environ.get("KPSSL_DEBUG"):
             raise

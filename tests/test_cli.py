@@ -178,3 +178,15 @@ def _with_handler(parser, handler):
         for sub in action.choices.values():
             sub.set_defaults(handler=handler)
     return parser
+
+
+def test_interrupt_exits_130_with_a_hint(capsys, monkeypatch):
+    import kpssl.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    parser = cli.build_parser
+    monkeypatch.setattr(cli, "build_parser", lambda: _with_handler(parser(), interrupted))
+    assert main(["summary"]) == 130
+    assert "--resume" in capsys.readouterr().err

@@ -397,3 +397,11 @@ def test_decathlon_layout_is_detected_by_default_settings(tiny_decathlon, tiny_a
     assert [v.case_id for v in volumes] == ["case_000", "case_001", "case_002"]
     with pytest.raises(DataError, match=r"dataset\.json: file not found"):
         load_volumes(tiny_acdc, DataSettings(layout="decathlon"))  # an explicit layout is obeyed
+
+
+def test_a_file_given_as_the_data_folder_is_named_as_such(tmp_path, capsys):
+    path = tmp_path / "volume.nii.gz"
+    path.write_text("x")
+    assert _problems(path, capsys) == [f"{path}: a file, not a data folder"]
+    with pytest.raises(DataError, match="a file, not a data folder"):
+        acdc_cases(path)

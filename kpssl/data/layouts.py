@@ -143,7 +143,7 @@ def find_acdc_patients(root: Path) -> list[AcdcPatient]:
     Raises :class:`DataError` for a misnamed patient folder or a patient ID found twice."""
     root = Path(root)
     if not root.is_dir():
-        raise DataError(root, "folder not found")
+        raise DataError(root, "a file, not a data folder" if root.exists() else "folder not found")
     folders, problems = scan_acdc_folders(root)
     if problems:
         raise problems[0]
@@ -186,7 +186,7 @@ def decathlon_cases(root: Path, *, require_labels: bool = True) -> list[Case]:
     """The training cases listed in ``root/dataset.json`` (one patient per case)."""
     root = Path(root)
     if not root.is_dir():
-        raise DataError(root, "folder not found")
+        raise DataError(root, "a file, not a data folder" if root.exists() else "folder not found")
     meta = read_dataset_json(root)
     try:
         labels = {int(k): str(v) for k, v in meta["labels"].items()}
@@ -219,7 +219,7 @@ def detect_layout(root: Path) -> str:
     """``"decathlon"`` if ``dataset.json`` exists, ``"acdc"`` if patient folders exist."""
     root = Path(root)
     if not root.is_dir():
-        raise DataError(root, "folder not found")
+        raise DataError(root, "a file, not a data folder" if root.exists() else "folder not found")
     if (root / "dataset.json").is_file():
         return "decathlon"
     if any(p.is_dir() and _PATIENT_LIKE.match(p.name) for sub in ("", "training", "testing")
