@@ -299,3 +299,27 @@ def test_collect_table_refuses_a_row_mixing_settings_but_not_a_setting_added_lat
     with pytest.raises(RunError, match=r"fold3/result\.json: made with other settings or data than .*fold0/result\.json "
                                        r"\(differing: finetune\.epochs\)"):
         collect_table(tmp_path)
+
+
+def test_neutral_settings_do_not_change_a_runs_identity(data):
+    from kpssl.data.layouts import find_cases
+    from kpssl.train.run import RunIdentity, identity_differences
+
+    cases = find_cases(data)
+    base = RunIdentity.of("finetune", "unet_random", small_settings(), cases, data, fold=0, labeled=1)
+    same = small_settings(**{"finetune.workers": 2, "splits.labeled": [2, 6], "data.layout": "acdc",
+                             "pretrain.lr": 0.3})  # pretraining settings are not read by fine-tuning
+    other = RunIdentity.of("finetune", "unet_random", same, cases, data, fold=0, labeled=1)
+    assert identity_differences(base.to_dict(), other) == {} and other.settings_hash == base.settings_hash
+    changed = RunIdentity.of("finetune", "unet_random", small_settings(**{"finetune.lr": 0.3}), cases, data,
+                             fold=0, labeled=1)
+    assert identity_differences(base.to_dict(), changed) == {"finetune.lr": (0.002, 0.3)}
+
+
+def test_stale_table_temporaries_are_removed_when_an_experiment_starts(data, tmp_path):
+    out = tmp_path / "table"
+    out.mkdir()
+    stale = out / f".table.kpssl-tmp-{dead_pid()}-00000000.csv"
+    stale.write_text("half a table")
+    run_experiment(small_settings(), data, ["unet_random"], [1], [0], out, progress=False)
+    assert not stale.exists() and (out / "table.csv").is_file()

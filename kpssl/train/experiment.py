@@ -39,7 +39,7 @@ from .methods import FINETUNE_METHODS, PRETRAIN_METHODS, PRETRAINED
 from .pretrain import pretrain
 from .run import (
     RUN_FILE, RunError, RunIdentity, check_output_folder, code_version, describe_differences, identity_differences,
-    legacy_identity, read_json, read_run, relevant_settings, write_json,
+    legacy_identity, read_json, read_run, relevant_settings, remove_stale_temporaries, write_json,
 )
 
 __all__ = ["TABLE_COLUMNS", "run_experiment", "validate_experiment_folder", "collect_table", "write_table",
@@ -158,6 +158,8 @@ def _claim_experiment(out: Path, identity: RunIdentity, command: str | None, set
              "code": code_version()}
     record = {"identity": identity.to_dict(), "settings": settings.to_dict(),
               "commands": [*(record or {}).get("commands", []), entry]}
+    out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)  # of table.csv, table.json, run.json
     write_json(out / RUN_FILE, record)
     return record
 

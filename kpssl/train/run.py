@@ -50,7 +50,9 @@ GROUPS = {  # the settings each kind of run reads
     "finetune": ("seed", "data", "keypoints", "augment", "model", "finetune", "splits"),
     "experiment": ("seed", "data", "keypoints", "augment", "model", "pretrain", "finetune", "splits"),
 }
-NEUTRAL = {"data.layout", "pretrain.workers", "finetune.workers"}  # no influence on the numbers
+# No influence on a run's numbers: how the layout is named, worker processes, and the preset's list of
+# label budgets (a fine-tuning run is given its M).
+NEUTRAL = {"data.layout", "pretrain.workers", "finetune.workers", "splits.labeled"}
 
 
 class RunError(ValueError):
