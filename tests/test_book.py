@@ -63,6 +63,19 @@ def test_no_visible_test_markers(chapter):
         assert "NBVAL_" not in source, f"{chapter.name}: use the nbval-check-output tag"
 
 
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=[c.stem for c in CHAPTERS])
+def test_chapters_store_only_reference_outputs(chapter):
+    """The book executes the chapters; a chapter stores only what nbval compares (scripts/strip_outputs.py)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("strip_outputs", ROOT / "scripts" / "strip_outputs.py")
+    strip = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(strip)
+    text = chapter.read_text()
+    assert strip.text(strip.stripped(json.loads(text))) == text, (
+        f"{chapter.name}: run python scripts/strip_outputs.py {chapter.relative_to(ROOT)}")
+
+
 def test_widgets_are_not_the_page_view():
     """A widget's output is removed from the page: its static figure follows it, and no widget
     manager is loaded from a CDN (a page would wait on it without a network)."""
