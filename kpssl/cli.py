@@ -256,15 +256,15 @@ def _user_error(error: BaseException) -> bool:
     """Whether ``error`` is the user's to fix (bad data, settings, paths, a refused run) rather than a bug.
 
     The project's error types and file-system errors are; so is a ``ValueError`` raised by kpssl's own
-    argument checks. A ``ValueError`` raised inside a dependency, and every other exception, is a bug
-    and keeps its traceback."""
+    argument checks (or a ``FloatingPointError`` for a loss that stopped being finite). The same raised
+    inside a dependency, and every other exception, is a bug and keeps its traceback."""
     from .data.nifti import DataError
     from .settings import SettingsError
 
     if isinstance(error, (DataError, SettingsError, OSError)) or type(error).__name__ in ("RunError",
                                                                                           "NonFiniteLossError"):
         return True
-    if not isinstance(error, ValueError):
+    if not isinstance(error, (ValueError, FloatingPointError)):
         return False
     frame = error.__traceback__
     while frame is not None and frame.tb_next is not None:
