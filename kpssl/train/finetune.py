@@ -39,8 +39,8 @@ from .networks import segmentation_model
 from .pretrain import to_device
 from .run import RunError, RunIdentity, claim_run, weights_fingerprint, write_json
 
-__all__ = ["FINETUNE_METHODS", "PRETRAINED", "FinetuneResult", "load_encoder", "predict_volume", "evaluate_volumes",
-           "finetune"]
+__all__ = ["FINETUNE_METHODS", "PRETRAINED", "FinetuneResult", "load_encoder", "segment", "predict_volume",
+           "evaluate_volumes", "finetune"]
 
 
 @dataclass
@@ -52,8 +52,12 @@ class FinetuneResult:
     seconds: float
 
 
-def _uses_keypoints(model: nn.Module) -> bool:
-    return hasattr(unwrap(model), "kaf")
+def segment(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits ``(B, C, P, P)`` of a segmentation network on a labelled batch: the KAF-UNet also takes the
+    batch's keypoints and their validity mask, the UNet only the image."""
+    if hasattr(unwrap(model), "kaf"):
+        return model(batch["image"], batch["keypoints"], batch["valid"])
+    return model(batch["image"])
 
 
 def load_encoder(model: nn.Module, path: str | Path, method: str) -> list[str]:
@@ -93,11 +97,7 @@ def predict_volume(model: nn.Module, volume: PreparedVolume, dataset: LabelledKe
     for start in range(0, z_count, batch_size):
         items = [dataset[first + z] for z in range(start, min(z_count, start + batch_size))]
         batch = to_device(collate_labelled(items), device)
-        if _uses_keypoints(model):
-            logits = model(batch["image"], batch["keypoints"], batch["valid"])
-        else:
-            logits = model(batch["image"])
-        labels = logits.argmax(1).cpu().numpy()  # (b, P, P)
+        labels = segment(model, batch).argmax(1).cpu().numpy()  # (b, P, P)
         dr, dc = centre_offset((h, w), labels.shape[-1])  # patch pixel (r + dr, c + dc) = volume pixel (r, c)
         r0, c0 = max(0, dr), max(0, dc)
         r1, c1 = min(labels.shape[-2], h + dr), min(labels.shape[-1], w + dc)
@@ -199,10 +199,7 @@ def _train_epoch(model: nn.Module, dataset: LabelledKeypointSlices, order: Epoch
         for group in optimiser.param_groups:
             group["lr"] = lr
         with rt.autocast():
-            if _uses_keypoints(model):
-                logits = model(item["image"], item["keypoints"], item["valid"])
-            else:
-                logits = model(item["image"])
+            logits = segment(model, item)
         loss = _loss(logits, item["label"], ft.loss)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"fine-tuning step {progress.step}: loss is {loss.item()}")
