@@ -27,10 +27,11 @@ from ..models.heads import BottleneckProjection, KeypointGlobalHead, MatchingHea
 from ..models.kaf_unet import KAFUNet
 from ..models.unet import UNet
 from ..settings import ModelSettings, PretrainSettings
+from .methods import FINETUNE_METHODS, KAF_NETWORK, PRETRAIN_METHODS
 
 __all__ = ["METHODS", "VIEWS", "segmentation_model", "PretrainNetwork", "gather"]
 
-METHODS = ("kaf", "pcl", "gcl", "simclr")
+METHODS = PRETRAIN_METHODS  # the methods that pretrain (kpssl.train.methods names them all)
 RULE = {"kaf": "pcl", "pcl": "pcl", "gcl": "gcl", "simclr": "simclr"}
 # The two views of a pretraining sample: KAF pairs slice i with a neighbouring slice (its correspondences
 # need two slices); SimCLR, GCL and PCL augment the same slice twice, as in their papers.
@@ -39,11 +40,11 @@ VIEWS = {"kaf": "neighbour", "pcl": "same", "gcl": "same", "simclr": "same"}
 
 def segmentation_model(method: str, settings: ModelSettings) -> nn.Module:
     """The segmentation network a method fine-tunes: KAF-UNet for ``kaf``/``kaf_random``, else UNet."""
-    if method in ("kaf", "kaf_random"):
+    if method not in FINETUNE_METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {', '.join(FINETUNE_METHODS)}")
+    if method in KAF_NETWORK:
         return KAFUNet(settings)
-    if method in ("unet_random", "pcl", "gcl", "simclr"):
-        return UNet(settings.in_channels, settings.classes, settings.width)
-    raise ValueError(f"unknown method {method!r}; expected kaf, kaf_random, unet_random, pcl, gcl or simclr")
+    return UNet(settings.in_channels, settings.classes, settings.width)
 
 
 def gather(x: Tensor) -> Tensor:
