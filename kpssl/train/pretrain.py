@@ -100,154 +100,188 @@ def pretrain(
     """
     if method not in METHODS:
         raise ValueError(f"unknown pretraining method {method!r}; expected one of {', '.join(METHODS)}")
-    if max_steps is not None and max_steps < 1:
-        raise ValueError(f"max_steps must be at least 1, got {max_steps}")
-    out = Path(out)
-    p = settings.pretrain
-    rt = runtime(p.mixed_precision, device)
+    for name, value in (("max_steps", max_steps), ("log_every_steps", log_every_steps)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+    rt = runtime(settings.pretrain.mixed_precision, device)
     seed_everything(settings.seed)
-    cases = [v.case for v in volumes] if volumes is not None else \
-        find_cases(Path(data), settings.data.layout, require_labels=False)
-    identity = RunIdentity.of("pretrain", method, settings, cases, Path(data))
-    claim_run(out, identity, resume=resume, allow_change=allow_change, command=command, settings=settings,
-              write=rt.main)
-    if volumes is None:
-        volumes = load_volumes(cases, settings.data, labels=False)
-    cache = KeypointCache(Path(data))
-    dataset = PairDataset(volumes, settings, cache, seed=settings.seed, views=VIEWS[method])
-    order = EpochOrder(len(dataset), p.batch_size, settings.seed, rt.rank, rt.world)
-    total_steps = p.epochs * order.steps_per_epoch
+    run = _PretrainRun(settings, Path(data), method, Path(out), rt, volumes, resume, allow_change, command,
+                       log_every_steps)
+    last_step = run.total_steps if max_steps is None else min(run.total_steps, max_steps)
+    run.bar = tqdm(total=last_step, initial=run.step, desc=f"pretrain {method}",
+                   disable=not (progress and rt.main), dynamic_ncols=True)
+    run.started = time.perf_counter()
+    run.train(last_step, checkpoint_every_steps)
+    return run.finish()
 
-    if log_every_steps is not None and log_every_steps < 1:
-        raise ValueError(f"log_every_steps must be at least 1, got {log_every_steps}")
-    flush_every = log_every_steps or (50 if rt.device.type == "cuda" else 1)
-    network = rt.prepare(PretrainNetwork(method, settings.model, p))  # channels_last on CUDA
-    if method == "kaf":
-        network.matching_loss.check_matches = False  # collate_pairs checked every batch's matches
-    if rt.distributed:
-        if rt.device.type == "cuda":
-            network = sync_batchnorm(network)
-        model: torch.nn.Module = DistributedDataParallel(network, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
-    else:
-        model = network
-    optimiser = torch.optim.SGD(network.parameters(), lr=p.lr, momentum=p.momentum, weight_decay=p.weight_decay)
-    scaler = rt.grad_scaler()
-    log = StepLog(out / "log.csv", LOG_COLUMNS)
-    checkpoint_path = out / "checkpoint.pt"
-    step, seconds_before = 0, 0.0
-    terms: dict[str, float] = {}
-    if resume and checkpoint_path.is_file():
-        state = load_checkpoint(checkpoint_path, rt.device)
-        if state.get("method") != method:
-            raise ValueError(f"{checkpoint_path}: holds a {state.get('method')!r} run, not {method!r}")
-        network.load_state_dict(state["model"])
-        optimiser.load_state_dict(state["optimiser"])
-        scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
-        step, seconds_before = int(state["step"]), float(state.get("seconds", 0.0))
-        last = log.truncate_after(step) if rt.main else None
-        if last is not None:  # a finished run resumed again still reports its last terms
-            terms = {k: float(v) for k, v in last.items() if k not in ("epoch", "step", "lr", "seconds") and v}
-    elif rt.main:
-        if checkpoint_path.is_file() and not resume:
-            raise ValueError(f"{out}: holds a previous run; pass resume=True (--resume) or choose another folder")
-        out.mkdir(parents=True, exist_ok=True)
-        log.path.unlink(missing_ok=True)
-    if rt.main:
-        save_settings(settings, out / "settings.yaml")
 
-    def checkpoint(seconds: float | None = None) -> None:
+class _PretrainRun:
+    """One pretraining run: its data, network, optimiser and log, and the steps that change them.
+
+    Built in the order that fixes the random streams (data, then network), so a resumed run and an
+    uninterrupted one take identical steps.
+    """
+
+    def __init__(self, settings: Settings, data: Path, method: str, out: Path, rt: Any, volumes: list | None,
+                 resume: bool, allow_change: tuple[str, ...], command: str | None, log_every_steps: int | None):
+        self.settings, self.method, self.out, self.rt = settings, method, out, rt
+        p = settings.pretrain
+        cases = [v.case for v in volumes] if volumes is not None else \
+            find_cases(data, settings.data.layout, require_labels=False)
+        self.identity = RunIdentity.of("pretrain", method, settings, cases, data)
+        claim_run(out, self.identity, resume=resume, allow_change=allow_change, command=command,
+                  settings=settings, write=rt.main)
+        if volumes is None:
+            volumes = load_volumes(cases, settings.data, labels=False)
+        self.dataset = PairDataset(volumes, settings, KeypointCache(data), seed=settings.seed, views=VIEWS[method])
+        self.order = EpochOrder(len(self.dataset), p.batch_size, settings.seed, rt.rank, rt.world)
+        self.total_steps = p.epochs * self.order.steps_per_epoch
+        self.flush_every = log_every_steps or (50 if rt.device.type == "cuda" else 1)
+        self.network = rt.prepare(PretrainNetwork(method, settings.model, p))  # channels_last on CUDA
+        if method == "kaf":
+            self.network.matching_loss.check_matches = False  # collate_pairs checked every batch's matches
+        if rt.distributed and rt.device.type == "cuda":
+            self.network = sync_batchnorm(self.network)
+        self.model = self._parallel(self.network)
+        self.optimiser = torch.optim.SGD(self.network.parameters(), lr=p.lr, momentum=p.momentum,
+                                         weight_decay=p.weight_decay)
+        self.scaler = rt.grad_scaler()
+        self.log = StepLog(out / "log.csv", LOG_COLUMNS)
+        self.checkpoint_path = out / "checkpoint.pt"
+        self.step, self.seconds_before, self.terms = 0, 0.0, {}
+        self.pending: list[tuple[int, int, float, float, torch.Tensor]] = []  # (epoch, step, lr, seconds, terms)
+        self.names: list[str] = []
+        self.bar: Any = None
+        self.started = time.perf_counter()
+        self.checkpointed = self._start_or_resume(resume)
         if rt.main:
-            save_checkpoint(checkpoint_path, {
-                "method": method, "step": step, "model": network.state_dict(),
-                "optimiser": optimiser.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
-                "settings": settings.to_dict(), "seconds": elapsed() if seconds is None else seconds,
+            save_settings(settings, out / "settings.yaml")
+
+    def _parallel(self, network: torch.nn.Module) -> torch.nn.Module:
+        """The network as the step calls it: wrapped for DistributedDataParallel under ``torchrun``."""
+        rt = self.rt
+        if not rt.distributed:
+            return network
+        return DistributedDataParallel(network, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+
+    def _start_or_resume(self, resume: bool) -> int | None:
+        """Load ``checkpoint.pt`` when resuming, else start a fresh folder; the step last checkpointed."""
+        rt, path = self.rt, self.checkpoint_path
+        if resume and path.is_file():
+            state = load_checkpoint(path, rt.device)
+            if state.get("method") != self.method:
+                raise ValueError(f"{path}: holds a {state.get('method')!r} run, not {self.method!r}")
+            self.network.load_state_dict(state["model"])
+            self.optimiser.load_state_dict(state["optimiser"])
+            self.scaler.load_state_dict(state["scaler"])
+            set_rng_state(state["rng"])
+            self.step, self.seconds_before = int(state["step"]), float(state.get("seconds", 0.0))
+            last = self.log.truncate_after(self.step) if rt.main else None
+            if last is not None:  # a finished run resumed again still reports its last terms
+                self.terms = {k: float(v) for k, v in last.items()
+                              if k not in ("epoch", "step", "lr", "seconds") and v}
+            return self.step
+        if rt.main:
+            if path.is_file():
+                raise ValueError(f"{self.out}: holds a previous run; pass resume=True (--resume) or choose another folder")
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.log.path.unlink(missing_ok=True)
+        return None
+
+    def elapsed(self) -> float:
+        """Training time of the run so far, over every start of it."""
+        return self.seconds_before + time.perf_counter() - self.started
+
+    def checkpoint(self, seconds: float | None = None) -> None:
+        if self.rt.main:
+            save_checkpoint(self.checkpoint_path, {
+                "method": self.method, "step": self.step, "model": self.network.state_dict(),
+                "optimiser": self.optimiser.state_dict(), "scaler": self.scaler.state_dict(), "rng": rng_state(),
+                "settings": self.settings.to_dict(), "seconds": self.elapsed() if seconds is None else seconds,
             })
 
-    last_step = total_steps if max_steps is None else min(total_steps, max_steps)
-    bar = tqdm(total=last_step, initial=step, desc=f"pretrain {method}", disable=not (progress and rt.main),
-               dynamic_ncols=True)
-    started = time.perf_counter()
+    def save(self) -> None:
+        self.flush()  # a checkpoint never holds weights trained on a loss not yet checked
+        self.checkpoint()
+        self.checkpointed = self.step
 
-    def elapsed() -> float:
-        """Training time of the run so far, over every start of it."""
-        return seconds_before + time.perf_counter() - started
-
-    pending: list[tuple[int, int, float, float, torch.Tensor]] = []  # (epoch, step index, lr, seconds, terms)
-    names: list[str] = []
-    checkpointed = step if resume and checkpoint_path.is_file() else None
-
-    def nonfinite(epoch: int, index: int, row: dict[str, torch.Tensor]) -> None:
+    def nonfinite(self, epoch: int, index: int, row: dict[str, torch.Tensor]) -> None:
         """Record a non-finite step: its terms, its batch (rebuilt exactly) and where to replay it from."""
-        dataset.set_epoch(epoch)
-        samples = next(order.batches(epoch, index - epoch * order.steps_per_epoch))
-        save_checkpoint(out / f"nonfinite_step{index}.pt", {
+        self.dataset.set_epoch(epoch)
+        samples = next(self.order.batches(epoch, index - epoch * self.order.steps_per_epoch))
+        save_checkpoint(self.out / f"nonfinite_step{index}.pt", {
             "step": index, "epoch": epoch, "samples": samples, "terms": row,
-            "batch": collate_pairs([dataset[i] for i in samples]),
-            "last_checkpoint_step": checkpointed, "model": network.state_dict()})  # weights as found, later
+            "batch": collate_pairs([self.dataset[i] for i in samples]),
+            "last_checkpoint_step": self.checkpointed, "model": self.network.state_dict()})  # weights as found
 
-    def flush() -> None:
+    def flush(self) -> None:
         """Copy the pending steps' terms to the host at once, check them, write one log row per step."""
-        nonlocal terms
-        if not pending:
+        if not self.pending:
             return
-        values = reduce_mean(torch.stack([t for *_, t in pending]), rt).float().cpu()  # (steps, terms)
-        rows = list(pending)
-        pending.clear()
+        values = reduce_mean(torch.stack([t for *_, t in self.pending]), self.rt).float().cpu()  # (steps, terms)
+        rows = list(self.pending)
+        self.pending.clear()
         for (epoch, index, lr, seconds, _), row_values in zip(rows, values):
-            row = dict(zip(names, row_values))
+            row = dict(zip(self.names, row_values))
             try:
                 check_finite(row, index)
             except NonFiniteLossError:
-                if rt.main:
-                    nonfinite(epoch, index, row)
+                if self.rt.main:
+                    self.nonfinite(epoch, index, row)
                 raise
-            terms = {k: float(v) for k, v in row.items()}
-            if rt.main:
-                log.write({"epoch": epoch, "step": index + 1, "lr": lr, "seconds": round(seconds, 3), **terms})
-            bar.update(1)
-        bar.set_postfix({k: f"{v:.3f}" for k, v in terms.items()})
+            self.terms = {k: float(v) for k, v in row.items()}
+            if self.rt.main:
+                self.log.write({"epoch": epoch, "step": index + 1, "lr": lr, "seconds": round(seconds, 3),
+                                **self.terms})
+            self.bar.update(1)
+        self.bar.set_postfix({k: f"{v:.3f}" for k, v in self.terms.items()})
 
-    def save() -> None:
-        nonlocal checkpointed
-        flush()  # a checkpoint never holds weights trained on a loss not yet checked
-        checkpoint()
-        checkpointed = step
+    def optimise(self, batch: dict[str, torch.Tensor], epoch: int) -> None:
+        """One SGD step on a batch; its loss terms stay on the device until the next flush."""
+        rt = self.rt
+        batch = to_device(batch, rt.device, rt.memory_format)
+        lr = cosine_lr(self.step, self.total_steps, self.settings.pretrain.lr)
+        for group in self.optimiser.param_groups:
+            group["lr"] = lr
+        with rt.autocast():
+            loss, logged = self.model(batch)
+        self.optimiser.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimiser)
+        self.scaler.update()
+        self.names = list(logged)
+        self.pending.append((epoch, self.step, lr, self.elapsed(), torch.stack([logged[k] for k in self.names])))
+        self.step += 1
+        if len(self.pending) >= self.flush_every:
+            self.flush()
 
-    model.train()
-    while step < last_step:
-        epoch, start = divmod(step, order.steps_per_epoch)
-        for batch in _loader(dataset, order, epoch, start, p.workers, rt.device.type == "cuda"):
-            batch = to_device(batch, rt.device, rt.memory_format)
-            lr = cosine_lr(step, total_steps, p.lr)
-            for group in optimiser.param_groups:
-                group["lr"] = lr
-            with rt.autocast():
-                loss, logged = model(batch)
-            optimiser.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimiser)
-            scaler.update()
-            names = list(logged)
-            pending.append((epoch, step, lr, elapsed(), torch.stack([logged[k] for k in names])))  # on the device
-            step += 1
-            if len(pending) >= flush_every:
-                flush()
-            if checkpoint_every_steps and step % checkpoint_every_steps == 0:
-                save()
-            if step >= last_step:
-                break
-        if step % order.steps_per_epoch == 0 and (step // order.steps_per_epoch) % p.checkpoint_every == 0:
-            save()
-    flush()
-    bar.close()
-    seconds = elapsed()
-    checkpoint(seconds)
-    if rt.main:
-        save_checkpoint(out / "encoder.pt", {"kind": "encoder", "method": method, "model": network.encoder_state(),
-                                             "settings": settings.to_dict()})
-        result = {"method": method, "steps": step, "seconds": seconds, "last_terms": terms,
-                  "device": str(rt.device), "world": rt.world, "settings_hash": identity.settings_hash,
-                  "data": identity.data}
-        write_json(out / "result.json", result)
-    return PretrainResult(out, checkpoint_path, step, seconds, terms, network)
+    def train(self, last_step: int, checkpoint_every_steps: int | None) -> None:
+        """Steps up to ``last_step``, checkpointing at epoch ends (and every ``checkpoint_every_steps``)."""
+        p, order = self.settings.pretrain, self.order
+        self.model.train()
+        while self.step < last_step:
+            epoch, start = divmod(self.step, order.steps_per_epoch)
+            for batch in _loader(self.dataset, order, epoch, start, p.workers, self.rt.device.type == "cuda"):
+                self.optimise(batch, epoch)
+                if checkpoint_every_steps and self.step % checkpoint_every_steps == 0:
+                    self.save()
+                if self.step >= last_step:
+                    break
+            if self.step % order.steps_per_epoch == 0 and (self.step // order.steps_per_epoch) % p.checkpoint_every == 0:
+                self.save()
+        self.flush()
+        self.bar.close()
+
+    def finish(self) -> PretrainResult:
+        """The last checkpoint, ``encoder.pt`` and ``result.json``."""
+        seconds = self.elapsed()
+        self.checkpoint(seconds)
+        if self.rt.main:
+            save_checkpoint(self.out / "encoder.pt", {"kind": "encoder", "method": self.method,
+                                                      "model": self.network.encoder_state(),
+                                                      "settings": self.settings.to_dict()})
+            write_json(self.out / "result.json", {
+                "method": self.method, "steps": self.step, "seconds": seconds, "last_terms": self.terms,
+                "device": str(self.rt.device), "world": self.rt.world,
+                "settings_hash": self.identity.settings_hash, "data": self.identity.data})
+        return PretrainResult(self.out, self.checkpoint_path, self.step, seconds, self.terms, self.network)
