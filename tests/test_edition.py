@@ -94,8 +94,9 @@ def test_student_edition_of_this_book(tmp_path):
         text = "".join("".join(c["source"]) for c in student["cells"])
         assert "{admonition} Solution" not in text, chapter.name
         assert text.count("## Exercises") == 1, chapter.name
-        code = [c for c in teacher["cells"] if c["cell_type"] == "code"]
-        assert [c for c in student["cells"] if c["cell_type"] == "code"] == code  # code untouched
+        code = [c for c in teacher["cells"]
+                if c["cell_type"] == "code" and "solution" not in c["metadata"].get("tags", [])]
+        assert [c for c in student["cells"] if c["cell_type"] == "code"] == code  # only solutions go
     assert "(student edition)" in (out / "_config.yml").read_text()
     assert (out / "_toc.yml").read_text() == (ROOT / "_toc.yml").read_text()
     with pytest.raises(FileExistsError):
@@ -109,3 +110,20 @@ def test_one_command(tmp_path):
                              "--source", str(ROOT)], capture_output=True, text=True, check=True)
     assert "solutions removed" in result.stdout
     assert (tmp_path / "s" / "notebooks").is_dir()
+
+
+def test_fill_in_exercises_have_their_solution_next():
+    """A code exercise (tag ``exercise``, its blanks written ``...``) is followed by its solution (tag
+    ``solution``, removed from the student edition), so the teacher's edition, which CI runs, passes
+    the check cell after it."""
+    found = 0
+    for chapter in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        cells = json.loads(chapter.read_text())["cells"]
+        for index, cell in enumerate(cells):
+            if "exercise" not in cell.get("metadata", {}).get("tags", []):
+                continue
+            found += 1
+            assert "..." in "".join(cell["source"]), f"{chapter.name} cell {index}: an exercise has blanks"
+            following = cells[index + 1].get("metadata", {}).get("tags", []) if index + 1 < len(cells) else []
+            assert "solution" in following, f"{chapter.name} cell {index}: no solution cell after the exercise"
+    assert found
