@@ -51,3 +51,31 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
     return out
+
+
+def test_finetune_epochs_table_reads_the_runs(tmp_path):
+    """scripts/finetune_epochs.py --collect-only: one row per finished run, the chosen epoch flagged when
+    it is the last one, the commands as the runs recorded them; unfinished runs are left out."""
+    import json
+    import subprocess
+    import sys
+
+    script = SCRIPT.parent / "finetune_epochs.py"
+    runs = tmp_path / "runs"
+    for method, epochs, best in (("unet_random", 30, 30), ("unet_random", 60, 41)):
+        folder = runs / f"{method}_M1_fold0_e{epochs}"
+        folder.mkdir(parents=True)
+        (folder / "run.json").write_text(json.dumps({"commands": [{"command": f"kpssl finetune e{epochs}"}]}))
+        (folder / "result.json").write_text(json.dumps({
+            "method": method, "labeled": 1, "fold": 0, "best_epoch": best, "selection_dice_3d": 0.5,
+            "seconds": 10.0, "test": {"dice_3d": 0.4, "dice_2d_pooled": 0.45, "hd95_mm": 20.0}}))
+    (runs / "unet_random_M4_fold0_e30").mkdir()  # unfinished: no result.json
+    table = tmp_path / "table"
+    subprocess.run([sys.executable, str(script), "--data", "unused", "--methods", "unet_random", "--labeled", "1",
+                    "4", "--epochs", "30", "60", "--out", str(runs), "--table", str(table), "--collect-only"],
+                   check=True, capture_output=True, text=True)
+    written = json.loads(table.with_suffix(".json").read_text())
+    assert [(r["epochs"], r["best_epoch"], r["chose_last"]) for r in written["rows"]] == [(30, 30, True), (60, 41, False)]
+    assert written["runs"] == ["kpssl finetune e30", "kpssl finetune e60"]
+    assert written["seconds_in_runs"] == 20.0
+    assert table.with_suffix(".csv").read_text().splitlines()[0].startswith("method,M,fold,epochs,best_epoch")
