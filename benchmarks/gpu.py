@@ -221,7 +221,7 @@ def finetune_steps(args, settings, device, amp, results) -> None:
 
         def step() -> None:
             with autocast:
-                logits = model(image) if name == "unet" else model(image, keypoints, valid)
+                logits = model(image, keypoints, valid)  # as fine-tuning calls both (the UNet ignores them)
             loss = F.cross_entropy(logits.float(), label)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()

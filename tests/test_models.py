@@ -14,6 +14,7 @@ from kpssl.models import (
     AttentionBlock,
     BottleneckProjection,
     KAFLayer,
+    Encoding,
     KAFUNet,
     KeypointFusion,
     KeypointGlobalHead,
@@ -76,10 +77,44 @@ def with_garbage_padding(keypoints, valid, extra: int):
 
 def test_unet_shapes_and_encode():
     net = UNet(1, 3, 4)
-    skips, bottleneck = net.encode(torch.randn(2, 1, SIZE, SIZE))
+    encoding = net.encode(torch.randn(2, 1, SIZE, SIZE))
+    skips, bottleneck = encoding.skips, encoding.bottleneck
     assert [tuple(s.shape) for s in skips] == [(2, 4, 32, 32), (2, 8, 16, 16), (2, 16, 8, 8), (2, 32, 4, 4)]
     assert bottleneck.shape == (2, 64, 2, 2)
     assert net.decode(skips, bottleneck).shape == (2, 3, SIZE, SIZE)
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_both_networks_encode_to_the_same_interface(need_weights):
+    """UNet and KAF-UNet are called alike (image, keypoints, valid) and both return an :class:`Encoding`
+    whose skips and bottleneck their decoder takes; the UNet has no keypoint features and no KAF levels."""
+    settings = small(ModelSettings(), classes=3)
+    image = torch.randn(2, 1, SIZE, SIZE)
+    keypoints, valid = random_keypoints(2, 5)
+    torch.manual_seed(0)
+    networks = {"unet": UNet(1, 3, settings.width), "kaf": KAFUNet(settings)}
+    encodings = {name: net.encode(image, keypoints, valid, need_weights=need_weights)
+                 for name, net in networks.items()}
+    for name, net in networks.items():
+        encoding = encodings[name]
+        assert type(encoding) is Encoding
+        assert len(encoding.skips) == 4 and encoding.bottleneck.shape[:2] == (2, net.bottleneck_channels)
+        assert len(encoding.keypoint_features) == len(encoding.levels)
+        assert (encoding.attention is not None) == need_weights
+        logits = net.decode(encoding.skips, encoding.bottleneck)
+        torch.testing.assert_close(logits, net(image, keypoints, valid))  # forward = decode(encode(...))
+    assert encodings["unet"].levels == () and encodings["unet"].keypoint_features == []
+    assert encodings["kaf"].levels == (1, 2, 3, 4)
+    assert [tuple(f.shape) for f in encodings["kaf"].keypoint_features] == [(2, 5, 16)] * 4
+    for encoding in encodings.values():  # the decoder's arguments, also as a pair
+        skips, bottleneck = encoding
+        assert skips is encoding.skips and bottleneck is encoding.bottleneck and encoding[1] is bottleneck
+    unet = networks["unet"]
+    torch.testing.assert_close(unet(image, keypoints, valid), unet(image))  # the UNet ignores the keypoints
+    with pytest.raises(ValueError, match="bool valid"):
+        unet.encode(image, keypoints, valid.float())  # but checks them, as the KAF-UNet does
+    with pytest.raises(ValueError, match="together"):
+        unet.encode(image, keypoints)
 
 
 def test_unet_rejects_bad_inputs():

@@ -310,3 +310,19 @@ def test_sync_batchnorm_leaves_the_masked_keypoint_batchnorm_alone():
     kinds = {type(m) for m in network.modules()}
     assert torch.nn.SyncBatchNorm in kinds and MaskedBatchNorm1d in kinds
     assert torch.nn.BatchNorm2d not in kinds and torch.nn.BatchNorm1d not in kinds
+
+
+def test_distribute_wraps_only_under_torchrun(monkeypatch):
+    """One place wraps both training loops' networks: the network itself in one process; with several,
+    DistributedDataParallel around it, its BatchNorm layers synchronised on CUDA only (in place)."""
+    from kpssl.train.common import Runtime, distribute
+
+    network = segmentation_model("unet_random", small_settings().model)
+    assert distribute(network, Runtime(torch.device("cpu"), None)) is network
+    wrapped = []
+    monkeypatch.setattr(common, "DistributedDataParallel", lambda module, device_ids: wrapped.append(device_ids) or module)
+    assert distribute(network, Runtime(torch.device("cpu"), None, rank=0, world=2)) is network
+    assert wrapped == [None] and torch.nn.BatchNorm2d in {type(m) for m in network.modules()}  # gloo: kept
+    assert distribute(network, Runtime(torch.device("cuda", 1), None, rank=1, world=2, local_rank=1)) is network
+    kinds = {type(m) for m in network.modules()}
+    assert wrapped[-1] == [1] and torch.nn.SyncBatchNorm in kinds and torch.nn.BatchNorm2d not in kinds

@@ -3,7 +3,7 @@
 =========================  ===================================================================
 module                     holds
 =========================  ===================================================================
-``unet``                   :class:`UNet` and its blocks (the UNet of PCL, Zeng et al., 2021)
+``unet``                   :class:`UNet`, its blocks, and the :class:`Encoding` both networks' encode returns
 ``attention``              masked BatchNorm, keypoint position encoder, masked attention blocks
 ``kaf``                    the KAF layer: sample, position, attend, fuse (Yang et al., 2023)
 ``sparse``                 the fusion D_l computed from the keypoints alone (maps constant but near keypoints)
@@ -46,11 +46,12 @@ from kpssl.models.sparse import (
     spread_keypoints,
 )
 from kpssl.models.summary import count_flops, count_parameters, format_parameter_summary, parameter_summary
-from kpssl.models.unet import UNet
+from kpssl.models.unet import Encoding, UNet
 
 __all__ = [
     "UNet",
     "KAFUNet",
+    "Encoding",
     "KAFEncoding",
     "KAFLayer",
     "KAFOutput",

@@ -21,15 +21,14 @@ layer never uses; they are left out here.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from torch import Tensor, nn
 
 from kpssl.models.kaf import KAFLayer, check_keypoints
-from kpssl.models.unet import LEVELS, Bottleneck, ConvBlock, UNetDecoder, check_image, init_he
+from kpssl.models.unet import LEVELS, Bottleneck, ConvBlock, Encoding, UNetDecoder, check_image, init_he
 from kpssl.settings import ModelSettings
 
-__all__ = ["KAFEncoding", "KAFUNet", "check_model_settings"]
+__all__ = ["Encoding", "KAFEncoding", "KAFUNet", "check_model_settings"]
 
 KAF_DECODERS = ("doubled", "plain")
 
@@ -51,15 +50,7 @@ def check_model_settings(settings: ModelSettings) -> None:
         raise ValueError(f"model.kaf_decoder must be one of {KAF_DECODERS}, got {settings.kaf_decoder!r}")
 
 
-@dataclass
-class KAFEncoding:
-    """The encoder's outputs, for the decoder and the pretraining heads."""
-
-    skips: list[Tensor]  # 4 x (B, out_l, H / 2**(l-1), W / 2**(l-1)), out_l = 2 C_l at KAF levels
-    bottleneck: Tensor  # (B, bottleneck_channels, H / 16, W / 16)
-    keypoint_features: list[Tensor]  # one (B, K, d) per KAF level (finest first), after attention
-    levels: tuple[int, ...]  # the KAF levels (1-based) that keypoint_features belong to
-    attention: list[list[Tensor]] | None = None  # per KAF level, per block (B, heads, K, K)
+KAFEncoding = Encoding  # the one encoding of both networks (kpssl.models.unet.Encoding); the former name
 
 
 class KAFUNet(nn.Module):
@@ -106,8 +97,11 @@ class KAFUNet(nn.Module):
         for layer in self.kaf.values():
             layer.fusion.sparse = sparse
 
-    def encode(self, image: Tensor, keypoints: Tensor, valid: Tensor, need_weights: bool = False) -> KAFEncoding:
-        """Image (B, 1, H, W), keypoints (B, K, 2), valid (B, K) -> :class:`KAFEncoding`."""
+    def encode(self, image: Tensor, keypoints: Tensor, valid: Tensor, need_weights: bool = False) -> Encoding:
+        """Image (B, 1, H, W), keypoints (B, K, 2), valid (B, K) -> :class:`~kpssl.models.unet.Encoding`
+        with skips 4 x (B, out_l, H / 2**(l-1), W / 2**(l-1)) (out_l = 2 C_l at KAF levels), the
+        bottleneck, one keypoint feature map (B, K, d) per KAF level (after attention), the levels, and
+        with ``need_weights`` every block's attention (B, heads, K, K)."""
         check_image(image, self.settings.in_channels)
         check_keypoints(keypoints, valid, image.shape[0])
         image_size = (image.shape[-2], image.shape[-1])
@@ -126,7 +120,7 @@ class KAFUNet(nn.Module):
                     attention.append(fused.attention or [])
             skips.append(x)
         bottleneck = self.bottleneck(self.pool(x))  # (B, bottleneck_channels, H / 16, W / 16)
-        return KAFEncoding(skips, bottleneck, keypoint_features, self.levels, attention)
+        return Encoding(skips, bottleneck, keypoint_features, self.levels, attention)
 
     def decode(self, skips: Sequence[Tensor], bottleneck: Tensor) -> Tensor:
         """Skips and bottleneck from :meth:`encode` -> logits (B, classes, H, W)."""

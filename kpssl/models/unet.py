@@ -14,12 +14,15 @@ KAF-UNet (:mod:`kpssl.models.kaf_unet`) reuses them with the doubled widths of i
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ConvBlock", "Bottleneck", "UNetDecoder", "UNet", "init_he", "check_image"]
+from kpssl.models.kaf import check_keypoints
+
+__all__ = ["ConvBlock", "Bottleneck", "UNetDecoder", "UNet", "Encoding", "init_he", "check_image"]
 
 LEVELS = 4  # encoder blocks; the image side must be divisible by 2**LEVELS
 
@@ -40,6 +43,29 @@ def check_image(image: Tensor, in_channels: int) -> None:
     side = 2**LEVELS
     if image.shape[-2] % side or image.shape[-1] % side:
         raise ValueError(f"image height and width must be divisible by {side}, got {tuple(image.shape[-2:])}")
+
+
+@dataclass
+class Encoding:
+    """What ``encode`` returns, for the UNet and the KAF-UNet alike: the decoder's inputs and, for the
+    pretraining heads, the keypoint features of the KAF levels (none for the UNet).
+
+    ``decode(encoding.skips, encoding.bottleneck)`` gives the logits of either network. An encoding also
+    unpacks and indexes as that pair, ``skips, bottleneck = encoding`` or ``decode(*encoding)``, the form
+    in which the UNet's ``encode`` used to return it.
+    """
+
+    skips: list[Tensor]  # 4 x (B, channels_l, H / 2**(l-1), W / 2**(l-1)), finest first
+    bottleneck: Tensor  # (B, bottleneck_channels, H / 16, W / 16)
+    keypoint_features: list[Tensor] = field(default_factory=list)  # one (B, K, d) per KAF level, finest first
+    levels: tuple[int, ...] = ()  # the KAF levels (1-based) that keypoint_features belong to
+    attention: list[list[Tensor]] | None = None  # per KAF level, per block (B, heads, K, K); with need_weights
+
+    def __iter__(self) -> Iterator[list[Tensor] | Tensor]:
+        return iter((self.skips, self.bottleneck))
+
+    def __getitem__(self, index: int) -> list[Tensor] | Tensor:
+        return (self.skips, self.bottleneck)[index]
 
 
 class ConvBlock(nn.Sequential):
@@ -113,6 +139,8 @@ class UNet(nn.Module):
         width: f; encoder widths f, 2f, 4f, 8f, bottleneck 16f.
 
     ``forward(image)``: (B, in_channels, H, W) with H, W divisible by 16 -> logits (B, classes, H, W).
+    ``encode`` and ``forward`` also accept a batch's ``keypoints (B, K, 2)`` and ``valid (B, K)``, which
+    are checked and otherwise unused, so that the UNet and the KAF-UNet are called in the same way.
 
     Example:
         >>> net = UNet(1, 4, 8)
@@ -135,21 +163,27 @@ class UNet(nn.Module):
         self.decoder = UNetDecoder(widths, widths, self.bottleneck_channels, classes)
         init_he(self)
 
-    def encode(self, image: Tensor) -> tuple[list[Tensor], Tensor]:
-        """Image (B, C_in, H, W) -> skips [(B, f 2**l, H / 2**l, W / 2**l) for l = 0..3], bottleneck
-        (B, 16f, H / 16, W / 16)."""
+    def encode(self, image: Tensor, keypoints: Tensor | None = None, valid: Tensor | None = None,
+               need_weights: bool = False) -> Encoding:
+        """Image (B, C_in, H, W) -> :class:`Encoding` with skips [(B, f 2**l, H / 2**l, W / 2**l) for
+        l = 0..3] and bottleneck (B, 16f, H / 16, W / 16); no keypoint features, no KAF levels (the
+        keypoints, if given, are only checked), and ``attention`` an empty list with ``need_weights``."""
         check_image(image, self.in_channels)
+        if keypoints is not None or valid is not None:
+            if keypoints is None or valid is None:
+                raise ValueError("pass keypoints and valid together, or neither")
+            check_keypoints(keypoints, valid, image.shape[0])
         x1 = self.blocks[0](image)  # (B, f, H, W)
         x2 = self.blocks[1](self.pool(x1))  # (B, 2f, H/2, W/2)
         x3 = self.blocks[2](self.pool(x2))  # (B, 4f, H/4, W/4)
         x4 = self.blocks[3](self.pool(x3))  # (B, 8f, H/8, W/8)
         x5 = self.bottleneck(self.pool(x4))  # (B, 16f, H/16, W/16)
-        return [x1, x2, x3, x4], x5
+        return Encoding([x1, x2, x3, x4], x5, attention=[] if need_weights else None)
 
     def decode(self, skips: Sequence[Tensor], bottleneck: Tensor) -> Tensor:
         """Skips and bottleneck from :meth:`encode` -> logits (B, classes, H, W)."""
         return self.decoder(skips, bottleneck)
 
-    def forward(self, image: Tensor) -> Tensor:
-        skips, bottleneck = self.encode(image)
-        return self.decode(skips, bottleneck)
+    def forward(self, image: Tensor, keypoints: Tensor | None = None, valid: Tensor | None = None) -> Tensor:
+        encoding = self.encode(image, keypoints, valid)
+        return self.decode(encoding.skips, encoding.bottleneck)

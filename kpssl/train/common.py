@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from ..atomic import atomic_write
 
@@ -45,6 +46,7 @@ __all__ = [
     "check_finite",
     "reduce_mean",
     "sync_batchnorm",
+    "distribute",
     "unwrap",
 ]
 
@@ -309,6 +311,22 @@ def sync_batchnorm(module: nn.Module) -> nn.Module:
         else:
             sync_batchnorm(child)
     return module
+
+
+def distribute(network: nn.Module, runtime: Runtime) -> nn.Module:
+    """The module a training step calls: ``network`` itself in a single process; under ``torchrun`` its
+    :class:`~torch.nn.parallel.DistributedDataParallel` wrapper, after its plain BatchNorm layers became
+    ``SyncBatchNorm`` on CUDA (:func:`sync_batchnorm`, in place, so ``network`` keeps being the network
+    whose weights are saved and loaded). ``network`` must already be on ``runtime.device``.
+
+    Pretraining and fine-tuning both wrap their networks here.
+    """
+    if not runtime.distributed:
+        return network
+    cuda = runtime.device.type == "cuda"
+    if cuda:
+        sync_batchnorm(network)
+    return DistributedDataParallel(network, device_ids=[runtime.device.index] if cuda else None)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

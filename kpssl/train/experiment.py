@@ -252,33 +252,11 @@ def run_experiment(
     and the table's JSON lists every command that contributed (``commands``).
     """
     data, out = Path(data), Path(out)
-    unknown = [m for m in methods if m not in FINETUNE_METHODS]
-    if unknown:
-        raise ValueError(f"unknown method(s) {', '.join(unknown)}; expected {', '.join(FINETUNE_METHODS)}")
-    if pretrain_scope not in ("all", "train"):
-        raise ValueError(f"pretrain_scope must be 'all' or 'train', got {pretrain_scope!r}")
-    check_output_folder(out)
-    cases = find_cases(data, settings.data.layout)
-    unlabelled = find_cases(data, settings.data.layout, require_labels=False)
-    patients = sorted({c.patient for c in cases})
-    for fold in folds:  # check every fold and budget before spending any time
-        split = fold_split(patients, fold, settings.splits)
-        too_many = [m for m in labelled if m > len(split.train)]
-        if too_many:
-            raise ValueError(f"M = {too_many[0]} labelled patients requested but fold {fold} has only "
-                             f"{len(split.train)} training patients")
-    validate_experiment_folder(out, settings, data, cases, unlabelled, pretrain_scope)
+    cases, unlabelled = _check_experiment(settings, data, methods, labelled, folds, out, pretrain_scope)
     identity = RunIdentity.of("experiment", "table", settings, cases, data, extra={"pretrain_scope": pretrain_scope})
     record = _claim_experiment(out, identity, command, settings)
-    started = time.perf_counter()
-    meta = {**(meta or {}), "commands": [entry["command"] for entry in record["commands"]],
-            "settings_hash": identity.settings_hash, "data": identity.data}
-
-    def update_table() -> list[dict]:
-        rows = collect_table(out)
-        write_table(rows, out, {**meta, "seconds_this_session": round(time.perf_counter() - started, 1)})
-        return rows
-
+    table = _TableWriter(out, {**(meta or {}), "commands": [entry["command"] for entry in record["commands"]],
+                               "settings_hash": identity.settings_hash, "data": identity.data})
     for fold in folds:  # fold by fold, so a stopped run leaves every method with the same folds done
         for method in methods:
             encoder = None
@@ -291,5 +269,43 @@ def run_experiment(
                     continue
                 finetune(settings, data, method, fold, m, folder, encoder=encoder,
                          resume=(folder / "checkpoint.pt").is_file(), progress=progress, command=command)
-                update_table()
-    return update_table()
+                table.update()
+    return table.update()
+
+
+def _check_experiment(settings: Settings, data: Path, methods: Sequence[str], labelled: Sequence[int],
+                      folds: Sequence[int], out: Path, pretrain_scope: str) -> tuple[list[Case], list[Case]]:
+    """Everything that can refuse an experiment, before any time is spent: the methods, the scope, the
+    output folder, every fold and budget, and the runs already under ``out``. Returns the labelled and
+    the unlabelled cases under ``data``."""
+    unknown = [m for m in methods if m not in FINETUNE_METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {', '.join(unknown)}; expected {', '.join(FINETUNE_METHODS)}")
+    if pretrain_scope not in ("all", "train"):
+        raise ValueError(f"pretrain_scope must be 'all' or 'train', got {pretrain_scope!r}")
+    check_output_folder(out)
+    cases = find_cases(data, settings.data.layout)
+    unlabelled = find_cases(data, settings.data.layout, require_labels=False)
+    patients = sorted({c.patient for c in cases})
+    for fold in folds:
+        split = fold_split(patients, fold, settings.splits)
+        too_many = [m for m in labelled if m > len(split.train)]
+        if too_many:
+            raise ValueError(f"M = {too_many[0]} labelled patients requested but fold {fold} has only "
+                             f"{len(split.train)} training patients")
+    validate_experiment_folder(out, settings, data, cases, unlabelled, pretrain_scope)
+    return cases, unlabelled
+
+
+class _TableWriter:
+    """Rewrites ``table.csv`` and ``table.json`` from the finished runs under ``out`` (:func:`collect_table`),
+    with ``meta`` and the time this command has run so far."""
+
+    def __init__(self, out: Path, meta: dict):
+        self.out, self.meta = out, meta
+        self.started = time.perf_counter()
+
+    def update(self) -> list[dict]:
+        rows = collect_table(self.out)
+        write_table(rows, self.out, {**self.meta, "seconds_this_session": round(time.perf_counter() - self.started, 1)})
+        return rows

@@ -14,13 +14,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -31,8 +30,8 @@ from ..eval.metrics import PooledDice, summarise, volume_scores
 from ..keypoints import KeypointCache, LabelledKeypointSlices, collate_labelled
 from ..settings import Settings, save_settings
 from .common import (
-    EpochOrder, StepLog, cosine_lr, load_checkpoint, rng_state, runtime, save_checkpoint, seed_everything,
-    set_rng_state, sync_batchnorm, unwrap,
+    EpochOrder, StepLog, cosine_lr, distribute, load_checkpoint, rng_state, runtime, save_checkpoint,
+    seed_everything, set_rng_state,
 )
 from .methods import FINETUNE_METHODS, PRETRAINED, check_finetune_method
 from .networks import segmentation_model
@@ -53,11 +52,9 @@ class FinetuneResult:
 
 
 def segment(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Logits ``(B, C, P, P)`` of a segmentation network on a labelled batch: the KAF-UNet also takes the
-    batch's keypoints and their validity mask, the UNet only the image."""
-    if hasattr(unwrap(model), "kaf"):
-        return model(batch["image"], batch["keypoints"], batch["valid"])
-    return model(batch["image"])
+    """Logits ``(B, C, P, P)`` of a segmentation network on a labelled batch. Both networks take the image,
+    the batch's keypoints and their validity mask; the UNet checks the keypoints and ignores them."""
+    return model(batch["image"], batch["keypoints"], batch["valid"])
 
 
 def load_encoder(model: nn.Module, path: str | Path, method: str) -> list[str]:
@@ -147,87 +144,6 @@ class _Progress:
     seconds_before: float = 0.0  # training time of earlier starts of this run
 
 
-def _network(method: str, settings: Settings, encoder: str | Path | None, rt) -> tuple[nn.Module, nn.Module]:
-    """The segmentation network (with the pretrained encoder loaded) and the module that trains it
-    (the same, or its DistributedDataParallel wrapper)."""
-    network = segmentation_model(method, settings.model)
-    if encoder is not None:
-        load_encoder(network, encoder, method)
-    network = network.to(rt.device)
-    model: nn.Module = network
-    if rt.distributed:
-        if rt.device.type == "cuda":
-            network = sync_batchnorm(network)
-        model = DistributedDataParallel(network, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
-    return network, model
-
-
-def _start(out: Path, resume: bool, rt, network: nn.Module, optimiser, scaler, log: StepLog) -> _Progress:
-    """Restore the run from ``checkpoint.pt`` (``resume``) or start it afresh."""
-    checkpoint_path = out / "checkpoint.pt"
-    if resume and checkpoint_path.is_file():
-        state = load_checkpoint(checkpoint_path, rt.device)
-        network.load_state_dict(state["model"])
-        optimiser.load_state_dict(state["optimiser"])
-        scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
-        progress = _Progress(state["epoch"], state["step"], state["best_score"], state["best_epoch"],
-                             state["initial_score"], float(state.get("seconds", 0.0)))
-        if rt.main:
-            log.truncate_after(progress.step)
-        return progress
-    if rt.main:
-        if checkpoint_path.is_file():
-            raise ValueError(f"{out}: holds a previous run; pass resume=True (--resume) or choose another folder")
-        out.mkdir(parents=True, exist_ok=True)
-        log.path.unlink(missing_ok=True)
-    return _Progress()
-
-
-def _train_epoch(model: nn.Module, dataset: LabelledKeypointSlices, order: EpochOrder, optimiser, scaler,
-                 progress: _Progress, settings: Settings, total_steps: int, rt) -> tuple[list[float], float]:
-    """One epoch of steps; returns the step losses and the last learning rate."""
-    ft = settings.finetune
-    model.train()
-    dataset.set_epoch(progress.epoch)
-    loader = DataLoader(dataset, batch_sampler=list(order.batches(progress.epoch)), num_workers=ft.workers,
-                        collate_fn=collate_labelled, pin_memory=rt.device.type == "cuda")
-    losses, lr = [], ft.lr
-    for item in loader:
-        item = to_device(item, rt.device)
-        lr = cosine_lr(progress.step, total_steps, ft.lr, ft.lr_min)
-        for group in optimiser.param_groups:
-            group["lr"] = lr
-        with rt.autocast():
-            logits = segment(model, item)
-        loss = _loss(logits, item["label"], ft.loss)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"fine-tuning step {progress.step}: loss is {loss.item()}")
-        optimiser.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimiser)
-        scaler.update()
-        losses.append(loss.item())
-        progress.step += 1
-    return losses, lr
-
-
-def _save_epoch(out: Path, method: str, network: nn.Module, optimiser, scaler, progress: _Progress, score: float,
-                losses: list[float], lr: float, settings: Settings, log: StepLog, seconds: float) -> None:
-    """After an epoch: keep the best weights (``best.pt``), log the epoch, write ``checkpoint.pt``."""
-    if score > progress.best_score:
-        progress.best_score, progress.best_epoch = score, progress.epoch
-        save_checkpoint(out / "best.pt", {"kind": "finetuned", "method": method, "model": network.state_dict(),
-                                          "epoch": progress.epoch, "settings": settings.to_dict()})
-    log.write({"epoch": progress.epoch, "step": progress.step, "lr": lr, "loss": float(np.mean(losses)),
-               "selection_dice": score, "seconds": round(seconds, 3)})
-    save_checkpoint(out / "checkpoint.pt", {
-        "kind": "finetuned", "method": method, "epoch": progress.epoch, "step": progress.step,
-        "model": network.state_dict(), "optimiser": optimiser.state_dict(), "scaler": scaler.state_dict(),
-        "rng": rng_state(), "best_score": progress.best_score, "best_epoch": progress.best_epoch,
-        "initial_score": progress.initial_score, "settings": settings.to_dict(), "seconds": seconds})
-
-
 def finetune(
     settings: Settings,
     data: str | Path,
@@ -253,61 +169,161 @@ def finetune(
     holds another run is refused before any work, except for the changes named in ``allow_change``.
     """
     check_finetune_method(method, encoder)
-    ft, out = settings.finetune, Path(out)
     if max_epochs is not None and max_epochs < 1:
         raise ValueError(f"max_epochs must be at least 1, got {max_epochs}")
-    rt = runtime(ft.mixed_precision, device)
+    rt = runtime(settings.finetune.mixed_precision, device)
     seed_everything(settings.seed)
-    fold_data, train_patients, identity = _claim(settings, data, method, fold, labelled, out, encoder, resume,
-                                                 allow_change, command, rt.main)
-    split, class_names = fold_data.split, fold_data.class_names(settings.data.classes)
-    train_volumes = fold_data.volumes(train_patients, settings.data)
-    selection_volumes = fold_data.volumes(split.validation if ft.selection == "validation" else split.test,
-                                          settings.data)
-    cache = KeypointCache(Path(data))
-    dataset = LabelledKeypointSlices(train_volumes, settings, cache, augment=True)
-    order = EpochOrder(len(dataset), min(ft.batch_size, len(dataset)), settings.seed, rt.rank, rt.world,
-                       drop_last=False)
-    network, model = _network(method, settings, encoder, rt)
-    optimiser = torch.optim.Adam(network.parameters(), lr=ft.lr, weight_decay=ft.weight_decay)
-    scaler = rt.grad_scaler()
-    log = StepLog(out / "log.csv", ["epoch", "step", "lr", "loss", "selection_dice", "seconds"])
-    epochs = ft.epochs if max_epochs is None else min(ft.epochs, max_epochs)
-    state = _start(out, resume, rt, network, optimiser, scaler, log)
-    if rt.main:
-        save_settings(settings, out / "settings.yaml")
-
-    def select(net: nn.Module) -> float:
-        return evaluate_volumes(net, selection_volumes, settings, cache, rt.device, class_names, hd95=False)["dice_3d"]
-
-    started = time.perf_counter()
-    if state.epoch == 0:  # the initialisation's score, so a run shows what fine-tuning gained
-        state.initial_score = select(network)
-        if rt.main:
-            log.write({"epoch": 0, "step": 0, "lr": ft.lr, "selection_dice": state.initial_score, "seconds": 0.0})
-    bar = tqdm(total=epochs, initial=state.epoch, desc=f"finetune {method} M={labelled} fold {fold}",
+    run = _FinetuneRun(settings, Path(data), method, fold, labelled, Path(out), encoder, rt, resume, allow_change,
+                       command)
+    epochs = settings.finetune.epochs if max_epochs is None else min(settings.finetune.epochs, max_epochs)
+    bar = tqdm(total=epochs, initial=run.state.epoch, desc=f"finetune {method} M={labelled} fold {fold}",
                disable=not (progress and rt.main), dynamic_ncols=True)
-    while state.epoch < epochs:
-        losses, lr = _train_epoch(model, dataset, order, optimiser, scaler, state, settings,
-                                  ft.epochs * order.steps_per_epoch, rt)
-        state.epoch += 1
-        score = select(network)
-        if rt.main:
-            _save_epoch(out, method, network, optimiser, scaler, state, score, losses, lr, settings, log,
-                        state.seconds_before + time.perf_counter() - started)
-        bar.update(1)
-        bar.set_postfix(loss=f"{np.mean(losses):.3f}", dice=f"{score:.3f}", best=f"{state.best_score:.3f}")
-    bar.close()
+    run.started = time.perf_counter()
+    run.train(epochs, bar)
+    return run.finish()
 
-    network.load_state_dict(load_checkpoint(out / "best.pt", rt.device)["model"])
-    test = evaluate_volumes(network, fold_data.volumes(split.test, settings.data), settings, cache, rt.device,
-                            class_names)
-    seconds = state.seconds_before + time.perf_counter() - started
-    if rt.main:
-        write_json(out / "result.json", _record(identity, settings, state, fold_data, train_patients, encoder, out,
-                                                seconds, test))
-    return FinetuneResult(out, {"dice_3d": state.best_score, "initial_dice_3d": state.initial_score}, test,
-                          state.best_epoch, seconds)
+
+class _FinetuneRun:
+    """One fine-tuning run: its patients, data, network, optimiser and log, and the epochs that change them.
+
+    Built in the order that fixes the random streams (the claim, the data, the network, then the resumed
+    state), so a resumed run and an uninterrupted one take identical steps.
+    """
+
+    def __init__(self, settings: Settings, data: Path, method: str, fold: int, labelled: int, out: Path,
+                 encoder: str | Path | None, rt: Any, resume: bool, allow_change: tuple[str, ...],
+                 command: str | None):
+        ft = settings.finetune
+        self.settings, self.method, self.out, self.encoder, self.rt = settings, method, out, encoder, rt
+        self.fold_data, self.train_patients, self.identity = _claim(settings, data, method, fold, labelled, out,
+                                                                    encoder, resume, allow_change, command, rt.main)
+        split = self.fold_data.split
+        self.class_names = self.fold_data.class_names(settings.data.classes)
+        train_volumes = self.fold_data.volumes(self.train_patients, settings.data)
+        self.selection_volumes = self.fold_data.volumes(split.validation if ft.selection == "validation"
+                                                        else split.test, settings.data)
+        self.cache = KeypointCache(data)
+        self.dataset = LabelledKeypointSlices(train_volumes, settings, self.cache, augment=True)
+        self.order = EpochOrder(len(self.dataset), min(ft.batch_size, len(self.dataset)), settings.seed, rt.rank,
+                                rt.world, drop_last=False)
+        self.total_steps = ft.epochs * self.order.steps_per_epoch
+        self.network = segmentation_model(method, settings.model)
+        if encoder is not None:
+            load_encoder(self.network, encoder, method)
+        self.network = self.network.to(rt.device)
+        self.model = distribute(self.network, rt)  # DistributedDataParallel under torchrun
+        self.optimiser = torch.optim.Adam(self.network.parameters(), lr=ft.lr, weight_decay=ft.weight_decay)
+        self.scaler = rt.grad_scaler()
+        self.log = StepLog(out / "log.csv", ["epoch", "step", "lr", "loss", "selection_dice", "seconds"])
+        self.state = self._start_or_resume(resume)
+        self.started = time.perf_counter()
+        if rt.main:
+            save_settings(settings, out / "settings.yaml")
+
+    def _start_or_resume(self, resume: bool) -> _Progress:
+        """Restore the run from ``checkpoint.pt`` (``resume``) or start it afresh."""
+        rt, path = self.rt, self.out / "checkpoint.pt"
+        if resume and path.is_file():
+            state = load_checkpoint(path, rt.device)
+            self.network.load_state_dict(state["model"])
+            self.optimiser.load_state_dict(state["optimiser"])
+            self.scaler.load_state_dict(state["scaler"])
+            set_rng_state(state["rng"])
+            progress = _Progress(state["epoch"], state["step"], state["best_score"], state["best_epoch"],
+                                 state["initial_score"], float(state.get("seconds", 0.0)))
+            if rt.main:
+                self.log.truncate_after(progress.step)
+            return progress
+        if rt.main:
+            if path.is_file():
+                raise ValueError(f"{self.out}: holds a previous run; pass resume=True (--resume) or choose another folder")
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.log.path.unlink(missing_ok=True)
+        return _Progress()
+
+    def elapsed(self) -> float:
+        """Training time of the run so far, over every start of it."""
+        return self.state.seconds_before + time.perf_counter() - self.started
+
+    def select(self) -> float:
+        """The model-selection score: 3D Dice on the validation patients (or the test fold, knowingly)."""
+        return evaluate_volumes(self.network, self.selection_volumes, self.settings, self.cache, self.rt.device,
+                                self.class_names, hd95=False)["dice_3d"]
+
+    def train(self, epochs: int, bar: Any) -> None:
+        """Score the initialisation (epoch 0), then train, select and checkpoint epoch by epoch up to ``epochs``."""
+        state, rt = self.state, self.rt
+        if state.epoch == 0:  # the initialisation's score, so a run shows what fine-tuning gained
+            state.initial_score = self.select()
+            if rt.main:
+                self.log.write({"epoch": 0, "step": 0, "lr": self.settings.finetune.lr,
+                                "selection_dice": state.initial_score, "seconds": 0.0})
+        while state.epoch < epochs:
+            losses, lr = self.train_epoch()
+            state.epoch += 1
+            score = self.select()
+            if rt.main:
+                self.save_epoch(score, losses, lr)
+            bar.update(1)
+            bar.set_postfix(loss=f"{np.mean(losses):.3f}", dice=f"{score:.3f}", best=f"{state.best_score:.3f}")
+        bar.close()
+
+    def train_epoch(self) -> tuple[list[float], float]:
+        """One epoch of Adam steps; returns the step losses and the last learning rate."""
+        ft, rt, state = self.settings.finetune, self.rt, self.state
+        self.model.train()
+        self.dataset.set_epoch(state.epoch)
+        loader = DataLoader(self.dataset, batch_sampler=list(self.order.batches(state.epoch)), num_workers=ft.workers,
+                            collate_fn=collate_labelled, pin_memory=rt.device.type == "cuda")
+        losses, lr = [], ft.lr
+        for item in loader:
+            item = to_device(item, rt.device)
+            lr = cosine_lr(state.step, self.total_steps, ft.lr, ft.lr_min)
+            for group in self.optimiser.param_groups:
+                group["lr"] = lr
+            with rt.autocast():
+                logits = segment(self.model, item)
+            loss = _loss(logits, item["label"], ft.loss)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"fine-tuning step {state.step}: loss is {loss.item()}")
+            self.optimiser.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimiser)
+            self.scaler.update()
+            losses.append(loss.item())
+            state.step += 1
+        return losses, lr
+
+    def save_epoch(self, score: float, losses: list[float], lr: float) -> None:
+        """After an epoch: keep the best weights (``best.pt``), log the epoch, write ``checkpoint.pt``."""
+        state, network, settings = self.state, self.network, self.settings
+        seconds = self.elapsed()
+        if score > state.best_score:
+            state.best_score, state.best_epoch = score, state.epoch
+            save_checkpoint(self.out / "best.pt", {"kind": "finetuned", "method": self.method,
+                                                   "model": network.state_dict(), "epoch": state.epoch,
+                                                   "settings": settings.to_dict()})
+        self.log.write({"epoch": state.epoch, "step": state.step, "lr": lr, "loss": float(np.mean(losses)),
+                        "selection_dice": score, "seconds": round(seconds, 3)})
+        save_checkpoint(self.out / "checkpoint.pt", {
+            "kind": "finetuned", "method": self.method, "epoch": state.epoch, "step": state.step,
+            "model": network.state_dict(), "optimiser": self.optimiser.state_dict(),
+            "scaler": self.scaler.state_dict(), "rng": rng_state(), "best_score": state.best_score,
+            "best_epoch": state.best_epoch, "initial_score": state.initial_score, "settings": settings.to_dict(),
+            "seconds": seconds})
+
+    def finish(self) -> FinetuneResult:
+        """Evaluate the selected weights (``best.pt``) once on the test fold; write ``result.json``."""
+        rt, state, settings = self.rt, self.state, self.settings
+        self.network.load_state_dict(load_checkpoint(self.out / "best.pt", rt.device)["model"])
+        test = evaluate_volumes(self.network, self.fold_data.volumes(self.fold_data.split.test, settings.data),
+                                settings, self.cache, rt.device, self.class_names)
+        seconds = self.elapsed()
+        if rt.main:
+            write_json(self.out / "result.json", _record(self.identity, settings, state, self.fold_data,
+                                                         self.train_patients, self.encoder, self.out, seconds, test))
+        return FinetuneResult(self.out, {"dice_3d": state.best_score, "initial_dice_3d": state.initial_score}, test,
+                              state.best_epoch, seconds)
 
 
 def _record(identity: RunIdentity, settings: Settings, state: _Progress, fold_data: FoldCases,

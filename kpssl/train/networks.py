@@ -25,7 +25,7 @@ from ..losses.matching import MatchingLoss, local_contrastive_loss
 from ..losses.total import total_loss
 from ..models.heads import BottleneckProjection, KeypointGlobalHead, MatchingHead, matching_scores
 from ..models.kaf_unet import KAFUNet
-from ..models.unet import UNet
+from ..models.unet import Encoding, UNet
 from ..settings import ModelSettings, PretrainSettings
 from .methods import FINETUNE_METHODS, KAF_NETWORK, PRETRAIN_METHODS
 
@@ -72,8 +72,7 @@ class PretrainNetwork(nn.Module):
         self.settings = pretrain
         self.backbone = segmentation_model(method, model)
         self.backbone.decoder.requires_grad_(False)  # pretraining trains the encoder; fine-tuning the decoder
-        bottleneck_channels = getattr(self.backbone, "bottleneck_channels", 16 * model.width)
-        self.projection = BottleneckProjection.from_settings(model, bottleneck_channels)
+        self.projection = BottleneckProjection.from_settings(model, self.backbone.bottleneck_channels)
         if method == "kaf":
             self.keypoint_head = KeypointGlobalHead.from_settings(model)
             self.matching_head = MatchingHead.from_settings(model)
@@ -89,16 +88,21 @@ class PretrainNetwork(nn.Module):
                                 self.settings.pcl_threshold, self.settings.base_temperature)
 
     def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        s = self.settings
-        if self.method != "kaf":
-            z1 = self.projection(self.backbone.encode(batch["view1"])[1])  # (B, projection_dim)
-            z2 = self.projection(self.backbone.encode(batch["view2"])[1])
-            term = self._contrast(z1, z2, batch)
-            return term, {"contrastive": term.detach().float(), "total": term.detach().float()}
         # each view in its own pass, as the authors do: BatchNorm statistics (encoder, masked keypoint
         # BatchNorm, heads) never mix a view with its positive
         encoding1 = self.backbone.encode(batch["view1"], batch["keypoints1"], batch["valid1"])
         encoding2 = self.backbone.encode(batch["view2"], batch["keypoints2"], batch["valid2"])
+        if self.method != "kaf":
+            z1 = self.projection(encoding1.bottleneck)  # (B, projection_dim)
+            z2 = self.projection(encoding2.bottleneck)
+            term = self._contrast(z1, z2, batch)
+            return term, {"contrastive": term.detach().float(), "total": term.detach().float()}
+        return self._kaf_loss(encoding1, encoding2, batch)
+
+    def _kaf_loss(self, encoding1: Encoding, encoding2: Encoding,
+                  batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """Eq. 3: w1 L_PCL on the bottlenecks, w2 L_global and w3 L_local on the keypoint features."""
+        s = self.settings
         w1, w2, w3 = s.loss_weights
         pcl = None
         if w1:

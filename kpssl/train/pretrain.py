@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -34,8 +33,8 @@ from ..data.slices import load_volumes
 from ..keypoints import KeypointCache, PairDataset, collate_pairs
 from ..settings import Settings, save_settings
 from .common import (
-    EpochOrder, NonFiniteLossError, StepLog, check_finite, cosine_lr, load_checkpoint, reduce_mean,
-    rng_state, runtime, save_checkpoint, seed_everything, set_rng_state, sync_batchnorm,
+    EpochOrder, NonFiniteLossError, StepLog, check_finite, cosine_lr, distribute, load_checkpoint, reduce_mean,
+    rng_state, runtime, save_checkpoint, seed_everything, set_rng_state,
 )
 from .networks import METHODS, VIEWS, PretrainNetwork
 from .run import RunIdentity, claim_run, write_json
@@ -140,9 +139,7 @@ class _PretrainRun:
         self.network = rt.prepare(PretrainNetwork(method, settings.model, p))  # channels_last on CUDA
         if method == "kaf":
             self.network.matching_loss.check_matches = False  # collate_pairs checked every batch's matches
-        if rt.distributed and rt.device.type == "cuda":
-            self.network = sync_batchnorm(self.network)
-        self.model = self._parallel(self.network)
+        self.model = distribute(self.network, rt)  # DistributedDataParallel under torchrun
         self.optimiser = torch.optim.SGD(self.network.parameters(), lr=p.lr, momentum=p.momentum,
                                          weight_decay=p.weight_decay)
         self.scaler = rt.grad_scaler()
@@ -156,13 +153,6 @@ class _PretrainRun:
         self.checkpointed = self._start_or_resume(resume)
         if rt.main:
             save_settings(settings, out / "settings.yaml")
-
-    def _parallel(self, network: torch.nn.Module) -> torch.nn.Module:
-        """The network as the step calls it: wrapped for DistributedDataParallel under ``torchrun``."""
-        rt = self.rt
-        if not rt.distributed:
-            return network
-        return DistributedDataParallel(network, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
 
     def _start_or_resume(self, resume: bool) -> int | None:
         """Load ``checkpoint.pt`` when resuming, else start a fresh folder; the step last checkpointed."""
