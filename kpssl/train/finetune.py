@@ -30,7 +30,7 @@ from ..eval.metrics import PooledDice, summarise, volume_scores
 from ..keypoints import KeypointCache, LabelledKeypointSlices, collate_labelled
 from ..settings import Settings, save_settings
 from .common import (
-    EpochOrder, StepLog, cosine_lr, distribute, load_checkpoint, rng_state, runtime, save_checkpoint,
+    EpochOrder, Runtime, StepLog, cosine_lr, distribute, load_checkpoint, rng_state, runtime, save_checkpoint,
     seed_everything, set_rng_state,
 )
 from .methods import FINETUNE_METHODS, PRETRAINED, check_finetune_method
@@ -191,7 +191,7 @@ class _FinetuneRun:
     """
 
     def __init__(self, settings: Settings, data: Path, method: str, fold: int, labelled: int, out: Path,
-                 encoder: str | Path | None, rt: Any, resume: bool, allow_change: tuple[str, ...],
+                 encoder: str | Path | None, rt: Runtime, resume: bool, allow_change: tuple[str, ...],
                  command: str | None):
         ft = settings.finetune
         self.settings, self.method, self.out, self.encoder, self.rt = settings, method, out, encoder, rt

@@ -33,8 +33,8 @@ from ..data.slices import load_volumes
 from ..keypoints import KeypointCache, PairDataset, collate_pairs
 from ..settings import Settings, save_settings
 from .common import (
-    EpochOrder, NonFiniteLossError, StepLog, check_finite, cosine_lr, distribute, load_checkpoint, reduce_mean,
-    rng_state, runtime, save_checkpoint, seed_everything, set_rng_state,
+    EpochOrder, NonFiniteLossError, Runtime, StepLog, check_finite, cosine_lr, distribute, load_checkpoint,
+    reduce_mean, rng_state, runtime, save_checkpoint, seed_everything, set_rng_state,
 )
 from .networks import METHODS, VIEWS, PretrainNetwork
 from .run import RunIdentity, claim_run, write_json
@@ -121,7 +121,7 @@ class _PretrainRun:
     uninterrupted one take identical steps.
     """
 
-    def __init__(self, settings: Settings, data: Path, method: str, out: Path, rt: Any, volumes: list | None,
+    def __init__(self, settings: Settings, data: Path, method: str, out: Path, rt: Runtime, volumes: list | None,
                  resume: bool, allow_change: tuple[str, ...], command: str | None, log_every_steps: int | None):
         self.settings, self.method, self.out, self.rt = settings, method, out, rt
         p = settings.pretrain
