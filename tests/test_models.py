@@ -106,9 +106,6 @@ def test_both_networks_encode_to_the_same_interface(need_weights):
     assert encodings["unet"].levels == () and encodings["unet"].keypoint_features == []
     assert encodings["kaf"].levels == (1, 2, 3, 4)
     assert [tuple(f.shape) for f in encodings["kaf"].keypoint_features] == [(2, 5, 16)] * 4
-    for encoding in encodings.values():  # the decoder's arguments, also as a pair
-        skips, bottleneck = encoding
-        assert skips is encoding.skips and bottleneck is encoding.bottleneck and encoding[1] is bottleneck
     unet = networks["unet"]
     torch.testing.assert_close(unet(image, keypoints, valid), unet(image))  # the UNet ignores the keypoints
     with pytest.raises(ValueError, match="bool valid"):

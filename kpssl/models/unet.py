@@ -14,7 +14,7 @@ KAF-UNet (:mod:`kpssl.models.kaf_unet`) reuses them with the doubled widths of i
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -50,9 +50,7 @@ class Encoding:
     """What ``encode`` returns, for the UNet and the KAF-UNet alike: the decoder's inputs and, for the
     pretraining heads, the keypoint features of the KAF levels (none for the UNet).
 
-    ``decode(encoding.skips, encoding.bottleneck)`` gives the logits of either network. An encoding also
-    unpacks and indexes as that pair, ``skips, bottleneck = encoding`` or ``decode(*encoding)``, the form
-    in which the UNet's ``encode`` used to return it.
+    ``decode(encoding.skips, encoding.bottleneck)`` gives the logits of either network.
     """
 
     skips: list[Tensor]  # 4 x (B, channels_l, H / 2**(l-1), W / 2**(l-1)), finest first
@@ -60,12 +58,6 @@ class Encoding:
     keypoint_features: list[Tensor] = field(default_factory=list)  # one (B, K, d) per KAF level, finest first
     levels: tuple[int, ...] = ()  # the KAF levels (1-based) that keypoint_features belong to
     attention: list[list[Tensor]] | None = None  # per KAF level, per block (B, heads, K, K); with need_weights
-
-    def __iter__(self) -> Iterator[list[Tensor] | Tensor]:
-        return iter((self.skips, self.bottleneck))
-
-    def __getitem__(self, index: int) -> list[Tensor] | Tensor:
-        return (self.skips, self.bottleneck)[index]
 
 
 class ConvBlock(nn.Sequential):

@@ -47,7 +47,6 @@ __all__ = [
     "reduce_mean",
     "sync_batchnorm",
     "distribute",
-    "unwrap",
 ]
 
 
@@ -328,6 +327,3 @@ def distribute(network: nn.Module, runtime: Runtime) -> nn.Module:
         sync_batchnorm(network)
     return DistributedDataParallel(network, device_ids=[runtime.device.index] if cuda else None)
 
-
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") else model
