@@ -61,12 +61,18 @@ def slice_grid(images: Sequence[np.ndarray], labels: Sequence[np.ndarray | None]
 
 
 def stack_figure(image: np.ndarray, label: np.ndarray | None, *, title: str = "", names: dict[int, str] | None = None,
-                 size: float = 1.8) -> plt.Figure:
-    """Every slice of one volume from base (slice 0) to apex, with positions ``(i + 1) / Z``."""
+                 size: float | None = None) -> plt.Figure:
+    """Every slice of one volume from base (slice 0) to apex, with positions ``(i + 1) / Z``.
+
+    The slices fill a near-square grid of at most four columns, about 7.6 inches wide unless ``size`` (inches
+    per panel) is given, so that the figure fits a book's text column.
+    """
     z = image.shape[0]
     titles = [f"slice {i}  pos {(i + 1) / z:.2f}" for i in range(z)]
     labels = [None] * z if label is None else list(label)
-    fig = slice_grid(list(image), labels, titles, columns=min(z, 6), names=names, size=size)
+    columns = min(z, 4, int(np.ceil(np.sqrt(z))))
+    size = size if size is not None else min(2.6, 7.6 / columns)
+    fig = slice_grid(list(image), labels, titles, columns=columns, names=names, size=size)
     if title:
         fig.suptitle(title, fontsize=11)
         fig.tight_layout(rect=(0, 0.05 if names else 0, 1, 0.97))
