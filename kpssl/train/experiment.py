@@ -88,17 +88,22 @@ def _pretrained_encoder(settings: Settings, data: Path, method: str, fold: int, 
 
 
 def _folder_problems(folder: Path, wanted: RunIdentity, result_keys: Sequence[str]) -> str | None:
-    """Why the run folder ``folder`` cannot serve as the run ``wanted`` (ignoring the encoder), or None."""
-    if (folder / "result.json").exists():
-        if wanted.kind == "finetune":
-            read_finetune_result(folder / "result.json")
-        else:
-            read_json(folder / "result.json", result_keys)
-    record = read_run(folder)
-    stored = record["identity"] if record else legacy_identity(folder)
-    if stored is None:
-        return None
-    differences = identity_differences(stored, wanted)
+    """Why the run folder ``folder`` cannot serve as the run ``wanted`` (ignoring the encoder), or None.
+
+    An unreadable or incomplete ``result.json`` or ``run.json`` is a problem too (its message)."""
+    try:
+        if (folder / "result.json").exists():
+            if wanted.kind == "finetune":
+                read_finetune_result(folder / "result.json")
+            else:
+                read_json(folder / "result.json", result_keys)
+        record = read_run(folder)
+        stored = record["identity"] if record else legacy_identity(folder)
+        if stored is None:
+            return None
+        differences = identity_differences(stored, wanted)
+    except (RunError, ValueError) as error:
+        return str(error)
     differences.pop("encoder", None)  # checked when the run resumes; the pretraining may not exist yet
     if not differences:
         return None
@@ -118,10 +123,7 @@ def validate_experiment_folder(out: Path, settings: Settings, data: Path, cases:
         if not folder.is_dir() or method not in FINETUNE_METHODS or not budget.isdigit() or not fold.isdigit():
             continue
         wanted = RunIdentity.of("finetune", method, settings, cases, data, fold=int(fold), labeled=int(budget))
-        try:
-            problem = _folder_problems(folder, wanted, FINETUNE_RESULT_KEYS)
-        except (RunError, ValueError) as error:
-            problem = str(error)
+        problem = _folder_problems(folder, wanted, FINETUNE_RESULT_KEYS)
         if problem:
             problems.append(problem)
     for method in PRETRAIN_METHODS:
@@ -132,10 +134,7 @@ def validate_experiment_folder(out: Path, settings: Settings, data: Path, cases:
                 continue
             wanted = RunIdentity.of("pretrain", method, settings, _pretrain_cases(unlabelled, settings, fold, scope),
                                     data)
-            try:
-                problem = _folder_problems(folder, wanted, PRETRAIN_RESULT_KEYS)
-            except (RunError, ValueError) as error:
-                problem = str(error)
+            problem = _folder_problems(folder, wanted, PRETRAIN_RESULT_KEYS)
             if problem:
                 problems.append(problem)
     if problems:
