@@ -140,7 +140,8 @@ def _experiment(args: argparse.Namespace) -> int:
     check_output_folder(args.out)
     meta = {"command": _command(args), "preset": settings.name, "commit": code_commit()}
     rows = run_experiment(settings, Path(args.data), args.methods, args.labeled, args.folds, Path(args.out),
-                          pretrain_scope=args.pretrain_scope, meta=meta, progress=not args.quiet,
+                          pretrain_scope=args.pretrain_scope, pretrain_data=args.pretrain_data, meta=meta,
+                          progress=not args.quiet,
                           command=_command(args))
     for row in rows:
         print(f"{row['method']:>12} M={row['M']:<3} 3D Dice {row['dice_3d_mean']:.3f} +- {row['dice_3d_std']:.3f}  "
@@ -244,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--folds", nargs="+", type=_non_negative_int, default=[0, 1, 2, 3, 4])
     sub.add_argument("--pretrain-scope", default="all", choices=["all", "train"],
                      help="pretrain on every patient without labels (all, the paper) or per fold without the test fold")
+    sub.add_argument("--pretrain-data", help="pretrain on every volume of this folder instead (a larger unlabelled "
+                     "pool); fine-tuning keeps the folds of --data")
     sub.add_argument("--out", required=True)
 
     sub = command("summary", _summary, "print the architecture's parameter counts per part")

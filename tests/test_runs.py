@@ -323,3 +323,35 @@ def test_stale_table_temporaries_are_removed_when_an_experiment_starts(data, tmp
     stale.write_text("half a table")
     run_experiment(small_settings(), data, ["unet_random"], [1], [0], out, progress=False)
     assert not stale.exists() and (out / "table.csv").is_file()
+
+
+def test_experiment_pretrains_on_a_separate_pool_and_keeps_the_folds_of_the_data(data, tmp_path, monkeypatch):
+    pool = tmp_path / "pool"
+    write_synthetic_acdc(pool, patients=7, seed=0)  # a larger pool: the data's patients and more
+    from kpssl.train import experiment as module
+
+    seen = []
+    real = module.pretrain
+
+    def recorded(settings, folder, method, out, **kwargs):
+        seen.append(Path(folder))
+        return real(settings, folder, method, out, **kwargs)
+
+    monkeypatch.setattr(module, "pretrain", recorded)
+    calls = _count_finetunes(monkeypatch)
+    out = tmp_path / "table"
+    settings = small_settings(**{"pretrain.epochs": 1})
+    run_experiment(settings, data, ["pcl"], [1], [0], out, pretrain_data=pool, progress=False)
+    assert seen == [pool] and calls == [("pcl", 0, 1)]
+    identity = json.loads((out / "pretrain" / "pcl" / "run.json").read_text())["identity"]
+    own = json.loads((out / "run.json").read_text())["identity"]
+    assert own["pretrain_data"] == identity["data"] != own["data"]  # pretrained on the pool, folds of the data
+    result = json.loads((out / "finetune" / "pcl" / "M1" / "fold0" / "result.json").read_text())
+    assert set(result["train_patients"] + result["test_patients"]) <= {p.name for p in (data / "training").iterdir()}
+
+    # the same folder without the pool is another table, refused before training
+    with pytest.raises(RunError, match=r"pretrain/pcl/run\.json: made with data \("):
+        run_experiment(settings, data, ["pcl"], [1], [0], out, progress=False)
+    with pytest.raises(ValueError, match="separate pretraining pool needs pretrain_scope 'all'"):
+        run_experiment(settings, data, ["pcl"], [1], [0], tmp_path / "other", pretrain_data=pool,
+                       pretrain_scope="train", progress=False)

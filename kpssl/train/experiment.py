@@ -9,6 +9,10 @@ Layout under ``out``::
     finetune/METHOD/M{m}/fold{k}/result.json
     table.csv, table.json      mean and standard deviation over folds, rewritten after every run
 
+Pretraining reads every volume under ``--data`` without its labels, or under ``--pretrain-data`` when
+given: a larger unlabelled pool (for example ``kpssl synth --patients 100``, whose first 20 patients are
+the built-in ones), while fine-tuning and testing keep the folds of ``--data``.
+
 A run whose ``result.json`` exists is skipped, an unfinished one resumes from its checkpoint, and the
 table is written atomically, so the command can be killed and restarted at any point.
 
@@ -38,7 +42,8 @@ from .finetune import finetune
 from .methods import FINETUNE_METHODS, PRETRAIN_METHODS, PRETRAINED
 from .pretrain import pretrain
 from .run import (
-    RUN_FILE, RunError, RunIdentity, check_output_folder, code_version, describe_differences, identity_differences,
+    RUN_FILE, RunError, RunIdentity, check_output_folder, code_version, data_fingerprint, describe_differences,
+    identity_differences,
     legacy_identity, read_json, read_run, relevant_settings, remove_stale_temporaries, write_json,
 )
 
@@ -111,7 +116,7 @@ def _folder_problems(folder: Path, wanted: RunIdentity, result_keys: Sequence[st
 
 
 def validate_experiment_folder(out: Path, settings: Settings, data: Path, cases: list[Case],
-                               unlabelled: list[Case], scope: str) -> None:
+                               unlabelled: list[Case], scope: str, pool: Path | None = None) -> None:
     """Check every run folder under ``out`` against this experiment before anything trains.
 
     Raises :class:`RunError` naming each unreadable or incomplete ``result.json`` and each run made with
@@ -133,7 +138,7 @@ def validate_experiment_folder(out: Path, settings: Settings, data: Path, cases:
             if not folder.is_dir():
                 continue
             wanted = RunIdentity.of("pretrain", method, settings, _pretrain_cases(unlabelled, settings, fold, scope),
-                                    data)
+                                    data if pool is None else pool)
             problem = _folder_problems(folder, wanted, PRETRAIN_RESULT_KEYS)
             if problem:
                 problems.append(problem)
@@ -238,6 +243,7 @@ def run_experiment(
     out: str | Path,
     *,
     pretrain_scope: str = "all",
+    pretrain_data: str | Path | None = None,
     meta: dict | None = None,
     progress: bool = True,
     command: str | None = None,
@@ -246,13 +252,19 @@ def run_experiment(
 
     ``pretrain_scope``: ``"all"`` pretrains once per method on every patient without labels (the
     paper's protocol); ``"train"`` pretrains once per method and fold without the test fold's patients.
+    ``pretrain_data``: another folder whose volumes (all of them, labels unused) the pretrainings read
+    instead of ``data``'s, for a larger unlabelled pool; only with scope ``"all"``.
     Everything is checked before the first run trains (methods, folds, budgets, and every run folder
     already under ``out``, :func:`validate_experiment_folder`); ``command`` is recorded in ``out/run.json``
     and the table's JSON lists every command that contributed (``commands``).
     """
     data, out = Path(data), Path(out)
-    cases, unlabelled = _check_experiment(settings, data, methods, labelled, folds, out, pretrain_scope)
-    identity = RunIdentity.of("experiment", "table", settings, cases, data, extra={"pretrain_scope": pretrain_scope})
+    pool = data if pretrain_data is None else Path(pretrain_data)
+    cases, unlabelled = _check_experiment(settings, data, methods, labelled, folds, out, pretrain_scope, pool)
+    extra = {"pretrain_scope": pretrain_scope}
+    if pool != data:  # a table pretrained on another pool is another table
+        extra["pretrain_data"] = data_fingerprint(unlabelled, pool)
+    identity = RunIdentity.of("experiment", "table", settings, cases, data, extra=extra)
     record = _claim_experiment(out, identity, command, settings)
     table = _TableWriter(out, {**(meta or {}), "commands": [entry["command"] for entry in record["commands"]],
                                "settings_hash": identity.settings_hash, "data": identity.data})
@@ -260,7 +272,7 @@ def run_experiment(
         for method in methods:
             encoder = None
             if method in PRETRAINED:
-                encoder = _pretrained_encoder(settings, data, method, fold, out, pretrain_scope, progress,
+                encoder = _pretrained_encoder(settings, pool, method, fold, out, pretrain_scope, progress,
                                               unlabelled, command)
             for m in labelled:
                 folder = out / "finetune" / method / f"M{m}" / f"fold{fold}"
@@ -273,18 +285,22 @@ def run_experiment(
 
 
 def _check_experiment(settings: Settings, data: Path, methods: Sequence[str], labelled: Sequence[int],
-                      folds: Sequence[int], out: Path, pretrain_scope: str) -> tuple[list[Case], list[Case]]:
+                      folds: Sequence[int], out: Path, pretrain_scope: str,
+                      pool: Path) -> tuple[list[Case], list[Case]]:
     """Everything that can refuse an experiment, before any time is spent: the methods, the scope, the
-    output folder, every fold and budget, and the runs already under ``out``. Returns the labelled and
-    the unlabelled cases under ``data``."""
+    pretraining pool, the output folder, every fold and budget, and the runs already under ``out``.
+    Returns the labelled cases under ``data`` and the unlabelled ones under ``pool``."""
     unknown = [m for m in methods if m not in FINETUNE_METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {', '.join(unknown)}; expected {', '.join(FINETUNE_METHODS)}")
     if pretrain_scope not in ("all", "train"):
         raise ValueError(f"pretrain_scope must be 'all' or 'train', got {pretrain_scope!r}")
+    if pool != data and pretrain_scope != "all":
+        raise ValueError(f"{pool}: a separate pretraining pool needs pretrain_scope 'all' (its patients cannot "
+                         "be matched to the folds of the labelled data)")
     check_output_folder(out)
     cases = find_cases(data, settings.data.layout)
-    unlabelled = find_cases(data, settings.data.layout, require_labels=False)
+    unlabelled = find_cases(pool, settings.data.layout, require_labels=False)
     patients = sorted({c.patient for c in cases})
     for fold in folds:
         split = fold_split(patients, fold, settings.splits)
@@ -292,7 +308,7 @@ def _check_experiment(settings: Settings, data: Path, methods: Sequence[str], la
         if too_many:
             raise ValueError(f"M = {too_many[0]} labelled patients requested but fold {fold} has only "
                              f"{len(split.train)} training patients")
-    validate_experiment_folder(out, settings, data, cases, unlabelled, pretrain_scope)
+    validate_experiment_folder(out, settings, data, cases, unlabelled, pretrain_scope, pool)
     return cases, unlabelled
 
 
