@@ -16,7 +16,7 @@ method); the others wait for its encoder. Every unit is restartable (finished ru
 ones resume), so the script can be killed and run again. It then writes ``--table``: a CSV with one row
 per (method, pool, budget, M, fold) and a JSON beside it with the commands, the commit, the summed
 training time, the distribution of the chosen epochs and the representation probes of every encoder
-(:mod:`kpssl.eval.probes`).
+and of the random initialisations (:mod:`kpssl.eval.probes`, on every slice of ``--data``).
 
     python scripts/budget_study.py --data data/synthetic --pool data/pool100 --preset tiny \
         --budgets 3 10 30 --finetune-epochs 120 --out runs/budget_study --table book/results/budget_study
@@ -184,6 +184,38 @@ def chosen_epochs(rows: list[dict]) -> dict:
             "final_tenth_share": round(float((fraction > 0.9).mean()), 4)}
 
 
+def probes(args: argparse.Namespace, all_cells: list[Cell]) -> list[dict]:
+    """The representation probes (:mod:`kpssl.eval.probes`) of every finished encoder and of the random
+    initialisations, on the centre patches of every slice of ``--data`` (labels unused)."""
+    import torch
+
+    from kpssl.data import load_volumes
+    from kpssl.eval.probes import chance_retrieval_error, probe_encoder
+    from kpssl.keypoints import KeypointCache, LabelledKeypointSlices, collate_labelled
+    from kpssl.settings import preset
+
+    settings = preset(args.preset)
+    torch.set_num_threads(args.threads)
+    volumes = load_volumes(args.data, settings.data)  # the labels are loaded (the dataset needs them), not used
+    dataset = LabelledKeypointSlices(volumes, settings, KeypointCache(args.data), augment=False)
+    batch = collate_labelled([dataset[i] for i in range(len(dataset))])
+    groups = np.array([v.case.patient for v in volumes])[batch["volume"].numpy()]
+    found = [{"method": "chance", "pool": 0, "pretrain_epochs": 0, "pretrain_steps": 0,
+              "retrieval_error": round(chance_retrieval_error(batch["position"].double().numpy(), groups), 4)}]
+    for cell in all_cells:
+        for method in cell.methods:
+            encoder, steps = None, 0
+            if cell.budget:
+                encoder = args.out / cell.name / "pretrain" / method / "encoder.pt"
+                result = encoder.with_name("result.json")
+                if not result.is_file():
+                    continue
+                steps = json.loads(result.read_text())["steps"]
+            found.append({"method": method, "pool": cell.pool, "pretrain_epochs": cell.budget,
+                          "pretrain_steps": steps, **probe_encoder(encoder, method, settings, batch, groups)})
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True, help="the labelled data (folds, fine-tuning, tests)")
@@ -222,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds_pretraining": round(pretraining, 1), "seconds_finetuning": round(finetuning, 1),
         "seconds_in_runs": round(pretraining + finetuning, 1), "gpu_seconds": 0.0,
         "seconds_this_command": round(time.perf_counter() - started, 1),
-        "chosen_epochs": chosen_epochs(rows), "note": args.note,
+        "chosen_epochs": chosen_epochs(rows), "probes": probes(args, all_cells), "note": args.note,
     }
     write_rows(rows, COLUMNS, args.table, meta)
     print(f"wrote {args.table}.csv ({len(rows)} runs, {meta['seconds_in_runs']:.0f} s of training)")
