@@ -85,6 +85,8 @@ def command(args: argparse.Namespace, unit: Unit) -> list[str]:
         words += ["--set", f"pretrain.epochs={cell.budget}"]
     if cell.pool_dir is not None:
         words += ["--pretrain-data", str(cell.pool_dir)]
+    for change in args.set:
+        words += ["--set", change]
     return words + ["--methods", unit.method, "--labeled", *map(str, args.labeled), "--folds", str(unit.fold),
                     "--out", str(args.out / cell.name), "--quiet"]
 
@@ -191,10 +193,10 @@ def probes(args: argparse.Namespace, all_cells: list[Cell]) -> list[dict]:
 
     from kpssl.data import load_volumes
     from kpssl.eval.probes import chance_retrieval_error, probe_encoder
+    from kpssl.cli import _settings
     from kpssl.keypoints import KeypointCache, LabelledKeypointSlices, collate_labelled
-    from kpssl.settings import preset
 
-    settings = preset(args.preset)
+    settings = _settings(argparse.Namespace(preset=args.preset, set=args.set))  # as kpssl experiment reads them
     torch.set_num_threads(args.threads)
     volumes = load_volumes(args.data, settings.data)  # the labels are loaded (the dataset needs them), not used
     dataset = LabelledKeypointSlices(volumes, settings, KeypointCache(args.data), augment=False)
@@ -231,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--table", type=Path, required=True, help="stem of the CSV and JSON to write")
     parser.add_argument("--workers", type=int, default=2, help="units run at once")
     parser.add_argument("--threads", type=int, default=1, help="threads per unit")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="another setting for every unit (as kpssl experiment --set)")
     parser.add_argument("--collect-only", action="store_true", help="write the table, train nothing")
     parser.add_argument("--note", default="", help="a remark recorded in the JSON")
     args = parser.parse_args(argv)

@@ -79,3 +79,48 @@ def test_finetune_epochs_table_reads_the_runs(tmp_path):
     assert written["runs"] == ["kpssl finetune e30", "kpssl finetune e60"]
     assert written["seconds_in_runs"] == 20.0
     assert table.with_suffix(".csv").read_text().splitlines()[0].startswith("method,M,fold,epochs,best_epoch")
+
+
+SMALL_SETTINGS = ["data.patch=64", "keypoints.max_keypoints=24", "model.width=4", "model.descriptor_dim=16",
+                  "model.attention_blocks=1", "model.fusion_hidden=8", "model.matching_blocks=2",
+                  "model.projection_dim=16", "pretrain.batch_size=4", "pretrain.sinkhorn_iterations=5",
+                  "finetune.batch_size=4"]
+
+
+def test_budget_study_runs_every_unit_once_and_tabulates_them(tmp_path):
+    """scripts/budget_study.py at toy size: two workers, two folds sharing each encoder, a separate pool.
+    Each encoder is pretrained once (never by two units at once), every fine-tuning lands in the table
+    with its pool and budget, and the probes cover every encoder and the random initialisation."""
+    import json
+    import subprocess
+    import sys
+
+    from kpssl.data.synthetic import write_synthetic_acdc
+
+    data, pool = tmp_path / "data", tmp_path / "pool"
+    write_synthetic_acdc(data, patients=6, seed=0)
+    write_synthetic_acdc(pool, patients=8, seed=0)
+    out, table = tmp_path / "study", tmp_path / "table"
+    command = [sys.executable, str(SCRIPT.parent / "budget_study.py"), "--data", str(data), "--pool", str(pool),
+               "--methods", "pcl", "--references", "unet_random", "--budgets", "1", "--finetune-epochs", "1",
+               "--labeled", "1", "--folds", "0", "1", "--out", str(out), "--table", str(table), "--workers", "2",
+               *[word for change in SMALL_SETTINGS for word in ("--set", change)]]
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    written = json.loads(table.with_suffix(".json").read_text())
+    keys = sorted((r["method"], r["pool"], r["pretrain_epochs"], r["fold"]) for r in written["rows"])
+    assert keys == [("pcl", 6, 1, 0), ("pcl", 6, 1, 1), ("pcl", 8, 1, 0), ("pcl", 8, 1, 1),
+                    ("unet_random", 0, 0, 0), ("unet_random", 0, 0, 1)]
+    for cell in ("pool6_e1", "pool8_e1"):
+        commands = json.loads((out / cell / "pretrain" / "pcl" / "run.json").read_text())["commands"]
+        assert len(commands) == 1  # pretrained once, by the first unit of the cell
+    steps = {r["pool"]: r["pretrain_steps"] for r in written["rows"] if r["method"] == "pcl"}
+    assert steps[8] > steps[6] > 0  # the larger pool gives more steps per epoch
+    assert written["units"] == {"planned": 6, "finished": 6}
+    assert [(p["method"], p["pool"]) for p in written["probes"]] == [
+        ("chance", 0), ("unet_random", 0), ("pcl", 6), ("pcl", 8)]
+    assert any("--pretrain-data" in c for c in written["runs"]) and written["seconds_in_runs"] > 0
+    # run again: nothing left to do, the same table
+    again = subprocess.run(command, capture_output=True, text=True)
+    assert again.returncode == 0 and "6 of 6 units finished; running 0" in again.stdout
+    assert json.loads(table.with_suffix(".json").read_text())["rows"] == written["rows"]
