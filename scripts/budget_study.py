@@ -19,7 +19,8 @@ training time, the distribution of the chosen epochs and the representation prob
 and of the random initialisations (:mod:`kpssl.eval.probes`, on every slice of ``--data``).
 
     python scripts/budget_study.py --data data/synthetic --pool data/pool100 --preset tiny \
-        --budgets 3 10 30 --finetune-epochs 120 --out runs/budget_study --table book/results/budget_study
+        --budgets 3 10 30 --pool-budgets 6 30 --finetune-epochs 120 \
+        --out runs/budget_study --table book/results/budget_study
 """
 
 from __future__ import annotations
@@ -68,10 +69,12 @@ def patients(folder: Path) -> int:
 
 
 def cells(args: argparse.Namespace) -> list[Cell]:
-    pools = [(patients(args.data), None)] + ([(patients(args.pool), args.pool)] if args.pool else [])
+    pools = [(patients(args.data), None, args.budgets)]
+    if args.pool:
+        pools.append((patients(args.pool), args.pool, args.pool_budgets or args.budgets))
     found = [Cell("random", tuple(args.references), 0, 0, None)]
-    for size, folder in pools:
-        for budget in args.budgets:
+    for size, folder, budgets in pools:
+        for budget in budgets:
             found.append(Cell(f"pool{size}_e{budget}", tuple(args.methods), size, budget, folder))
     return found
 
@@ -226,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", default=["pcl", "kaf"])
     parser.add_argument("--references", nargs="+", default=["unet_random", "kaf_random"])
     parser.add_argument("--budgets", nargs="+", type=int, default=[3, 10, 30], help="pretraining epochs")
+    parser.add_argument("--pool-budgets", nargs="+", type=int,
+                        help="pretraining epochs on --pool (default: --budgets); 6 epochs of 100 patients take "
+                             "about as many steps as 30 of 20")
     parser.add_argument("--finetune-epochs", type=int, default=120)
     parser.add_argument("--labeled", nargs="+", type=int, default=[1, 2, 4])
     parser.add_argument("--folds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
@@ -238,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--collect-only", action="store_true", help="write the table, train nothing")
     parser.add_argument("--note", default="", help="a remark recorded in the JSON")
     args = parser.parse_args(argv)
-    if any(b < 1 for b in args.budgets):
+    if any(b < 1 for b in args.budgets + (args.pool_budgets or [])):
         parser.error("--budgets: pretraining budgets are at least 1 epoch (budget 0 is the 'random' references)")
 
     all_cells = cells(args)
@@ -252,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         "command": "python scripts/budget_study.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
         "runs": recorded_commands(args, all_cells), "preset": args.preset, "commit": code_commit(),
-        "finetune_epochs": args.finetune_epochs, "budgets": args.budgets, "pools": sorted({c.pool for c in all_cells}),
+        "finetune_epochs": args.finetune_epochs, "budgets": args.budgets, "pool_budgets": args.pool_budgets or args.budgets, "pools": sorted({c.pool for c in all_cells}),
         "folds": args.folds, "labeled": args.labeled,
         "units": {"planned": len(units), "finished": sum(finished(args, u) for u in units)},
         "seconds_pretraining": round(pretraining, 1), "seconds_finetuning": round(finetuning, 1),
