@@ -11,7 +11,8 @@ built-in ones). Fine-tuning and testing always use the folds of ``--data``, with
 to ``--finetune-epochs``.
 
 The work is split into units, one ``kpssl experiment`` command per (cell, method, fold), run by
-``--workers`` processes at once (one thread each). A unit that pretrains runs alone for its (cell,
+``--workers`` processes at once (one thread each): the references first, then the cells from the
+largest budget (pool x epochs) down, each over all folds. A unit that pretrains runs alone for its (cell,
 method); the others wait for its encoder. Every unit is restartable (finished runs are skipped, stopped
 ones resume), so the script can be killed and run again. It then writes ``--table``: a CSV with one row
 per (method, pool, budget, M, fold) and a JSON beside it with the commands, the commit, the summed
@@ -248,7 +249,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--budgets: pretraining budgets are at least 1 epoch (budget 0 is the 'random' references)")
 
     all_cells = cells(args)
-    units = [Unit(c, m, f) for f in args.folds for c in all_cells for m in c.methods]  # fold by fold
+    # the references first, then the cells from the largest pretraining budget down, each over all folds:
+    # if the study is stopped, what it has finished are whole comparisons, the most telling first
+    ordered = sorted(all_cells, key=lambda c: -c.pool * c.budget)
+    units = [Unit(c, m, f) for c in ordered for f in args.folds for m in c.methods]
     started = time.perf_counter()
     if not args.collect_only:
         run_units(args, units)
