@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     all_cells = cells(args)
     # the references first, then the cells from the largest pretraining budget down, each over all folds:
     # if the study is stopped, what it has finished are whole comparisons, the most telling first
-    ordered = sorted(all_cells, key=lambda c: -c.pool * c.budget)
+    ordered = sorted(all_cells, key=lambda c: (c.budget > 0, -c.pool * c.budget))
     units = [Unit(c, m, f) for c in ordered for f in args.folds for m in c.methods]
     started = time.perf_counter()
     if not args.collect_only:
