@@ -40,6 +40,7 @@ import numpy as np
 
 from kpssl.data.layouts import find_cases
 from kpssl.train.experiment import code_commit, write_rows
+from kpssl.atomic import write_json
 
 COLUMNS = ["method", "pool", "pretrain_epochs", "pretrain_steps", "M", "fold", "dice_3d", "dice_2d", "hd95",
            "best_epoch", "epochs", "seconds"]
@@ -222,6 +223,42 @@ def probes(args: argparse.Namespace, all_cells: list[Cell]) -> list[dict]:
     return found
 
 
+def export(args: argparse.Namespace, all_cells: list[Cell], folder: Path, command: str) -> list[dict]:
+    """Compact copies (:func:`kpssl.train.export.compact_copy`) of the networks the book shows: the UNet
+    from random initialisation and the KAF-UNet pretrained with KAF at the largest budget, both fine-tuned
+    with the largest M on fold 0, and that KAF encoder itself; ``trained.json`` says what each is."""
+    from kpssl.train.export import compact_copy
+
+    m, fold = max(args.labeled), 0
+    chosen = [("unet_random", "random", "unet_random", "finetune")] if "unet_random" in args.references else []
+    kaf_cells = [c for c in all_cells if "kaf" in c.methods and c.budget]
+    if kaf_cells:
+        largest = max(kaf_cells, key=lambda c: (c.pool * c.budget, c.pool))
+        chosen += [("kaf", largest.name, "kaf", "finetune"), ("kaf_encoder", largest.name, "kaf", "pretrain")]
+    written = []
+    for name, cell, method, kind in chosen:
+        if kind == "finetune":
+            run = args.out / cell / "finetune" / method / f"M{m}" / f"fold{fold}"
+            source, stem = run / "best.pt", f"{name}_M{m}_fold{fold}"
+        else:
+            run = args.out / cell / "pretrain" / method
+            source, stem = run / "encoder.pt", name
+        if not (run / "result.json").is_file():
+            print(f"not exported (unfinished): {run}")
+            continue
+        result = json.loads((run / "result.json").read_text())
+        entry = {"file": f"{stem}.pt", "method": method, "cell": cell, "source": str(source)}
+        if kind == "finetune":
+            entry |= {"M": m, "fold": fold, "best_epoch": result["best_epoch"],
+                      "test_dice_3d": round(result["test"]["dice_3d"], 4)}
+        else:
+            entry |= {"pretrain_steps": result["steps"]}
+        compact_copy(source, folder / entry["file"], note=f"scripts/budget_study.py, cell {cell}")
+        written.append(entry)
+    write_json(folder / "trained.json", {"command": command, "commit": code_commit(), "networks": written})
+    return written
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True, help="the labelled data (folds, fine-tuning, tests)")
@@ -242,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="threads per unit")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="another setting for every unit (as kpssl experiment --set)")
+    parser.add_argument("--export", type=Path, metavar="DIR",
+                        help="also write compact copies of the networks the book shows into DIR")
     parser.add_argument("--collect-only", action="store_true", help="write the table, train nothing")
     parser.add_argument("--note", default="", help="a remark recorded in the JSON")
     args = parser.parse_args(argv)
@@ -271,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
         "chosen_epochs": chosen_epochs(rows), "probes": probes(args, all_cells), "note": args.note,
     }
     write_rows(rows, COLUMNS, args.table, meta)
+    if args.export:
+        export(args, all_cells, args.export, meta["command"])
     print(f"wrote {args.table}.csv ({len(rows)} runs, {meta['seconds_in_runs']:.0f} s of training)")
     return 0
 

@@ -104,7 +104,7 @@ def test_budget_study_runs_every_unit_once_and_tabulates_them(tmp_path):
     command = [sys.executable, str(SCRIPT.parent / "budget_study.py"), "--data", str(data), "--pool", str(pool),
                "--methods", "pcl", "--references", "unet_random", "--budgets", "1", "--finetune-epochs", "1",
                "--labeled", "1", "--folds", "0", "1", "--out", str(out), "--table", str(table), "--workers", "2",
-               *[word for change in SMALL_SETTINGS for word in ("--set", change)]]
+               "--export", str(tmp_path / "trained"), *[word for change in SMALL_SETTINGS for word in ("--set", change)]]
     done = subprocess.run(command, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
     written = json.loads(table.with_suffix(".json").read_text())
@@ -120,6 +120,15 @@ def test_budget_study_runs_every_unit_once_and_tabulates_them(tmp_path):
     assert [(p["method"], p["pool"]) for p in written["probes"]] == [
         ("chance", 0), ("unet_random", 0), ("pcl", 6), ("pcl", 8)]
     assert any("--pretrain-data" in c for c in written["runs"]) and written["seconds_in_runs"] > 0
+    # the networks the book shows: the random UNet fine-tuned (no KAF in this toy study, so no more)
+    from kpssl.train.evaluate import load_finetuned
+
+    trained = json.loads((tmp_path / "trained" / "trained.json").read_text())["networks"]
+    assert [(n["file"], n["cell"]) for n in trained] == [("unet_random_M1_fold0.pt", "random")]
+    network, _, state = load_finetuned(tmp_path / "trained" / "unet_random_M1_fold0.pt")
+    assert state["compact"]["dtype"] == "float16" and trained[0]["test_dice_3d"] == \
+        round(json.loads((out / "random" / "finetune" / "unet_random" / "M1" / "fold0" / "result.json").read_text())
+              ["test"]["dice_3d"], 4)
     # run again: nothing left to do, the same table
     again = subprocess.run(command, capture_output=True, text=True)
     assert again.returncode == 0 and "6 of 6 units finished; running 0" in again.stdout
