@@ -3,6 +3,10 @@
 The preset is ``tiny`` on a CPU and ``colab`` on a GPU unless ``KPSSL_PRESET`` names another; the data
 folder is ``KPSSL_DATA``, else the repository's ``data/`` when running inside a checkout, else ``data/``
 in the working folder.
+
+Chapters that read committed results (``book/results``) get them with :func:`fetch_results`: the
+checkout's files, or outside a checkout (a notebook opened on Colab) copies downloaded once from the
+repository into ``./kpssl_results``.
 """
 
 from __future__ import annotations
@@ -16,10 +20,12 @@ import torch
 
 from .settings import Settings, preset
 
-__all__ = ["ChapterEnvironment", "setup", "data_root", "ensure_synthetic"]
+__all__ = ["ChapterEnvironment", "setup", "data_root", "ensure_synthetic", "fetch_results", "REPOSITORY"]
 
 SYNTHETIC_PATIENTS = 20
 SYNTHETIC_SEED = 0
+REPOSITORY = "https://github.com/kpssl/kpssl"  # as in _config.yml (a test checks)
+RESULTS_URL = "https://raw.githubusercontent.com/kpssl/kpssl/main/book/results"
 
 
 @dataclass
@@ -61,6 +67,41 @@ def ensure_synthetic(root: Path, patients: int = SYNTHETIC_PATIENTS, seed: int =
         tmp = stamp.with_name(".complete.tmp")
         tmp.write_text(expected)
         tmp.replace(stamp)
+    return folder
+
+
+def fetch_results(env: ChapterEnvironment, *names: str) -> Path:
+    """The folder holding the committed results ``names`` (paths under ``book/results``).
+
+    Inside a checkout it is the checkout's ``book/results``, and every name must be there. Outside one
+    the missing files are downloaded from the repository (``KPSSL_RESULTS_URL`` overrides the address)
+    into ``./kpssl_results`` and kept; a failed download raises ``OSError`` naming the file and the
+    address, and leaves no partial file."""
+    import urllib.request
+
+    from .atomic import atomic_write
+
+    if env.repository is not None:
+        folder = env.repository / "book" / "results"
+        missing = [name for name in names if not (folder / name).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{folder}: missing committed results {', '.join(missing)}")
+        return folder
+    folder = Path.cwd() / "kpssl_results"
+    base = os.environ.get("KPSSL_RESULTS_URL", RESULTS_URL).rstrip("/")
+    for name in names:
+        target = folder / name
+        if target.is_file():
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        url = f"{base}/{name}"
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response:
+                content = response.read()
+        except (OSError, ValueError) as error:
+            raise OSError(f"{name}: cannot download the committed result from {url} ({error}); run the "
+                          "chapter inside a checkout of the repository, or check the network") from None
+        atomic_write(target, lambda tmp: tmp.write_bytes(content))
     return folder
 
 

@@ -190,3 +190,37 @@ def test_interrupt_exits_130_with_a_hint(capsys, monkeypatch):
     monkeypatch.setattr(cli, "build_parser", lambda: _with_handler(parser(), interrupted))
     assert main(["summary"]) == 130
     assert "--resume" in capsys.readouterr().err
+
+
+def test_the_library_knows_the_repository_address_of_the_config():
+    from kpssl.book import REPOSITORY, RESULTS_URL
+
+    config = yaml.safe_load((ROOT / "_config.yml").read_text())["repository"]
+    assert REPOSITORY == config["url"]
+    owner_name = config["url"].removeprefix("https://github.com/")
+    assert RESULTS_URL == f"https://raw.githubusercontent.com/{owner_name}/{config['branch']}/book/results"
+
+
+def test_fetch_results_reads_the_checkout_or_downloads_once_outside_it(tmp_path, monkeypatch):
+    import torch
+
+    from kpssl.book import ChapterEnvironment, fetch_results
+    from kpssl.settings import preset
+
+    inside = ChapterEnvironment(preset("tiny"), torch.device("cpu"), tmp_path, ROOT)
+    assert fetch_results(inside, "tiny_table.csv") == ROOT / "book" / "results"
+    with pytest.raises(FileNotFoundError, match="missing committed results no_such.csv"):
+        fetch_results(inside, "no_such.csv")
+
+    # outside a checkout (as on Colab): downloaded into ./kpssl_results, here from a file:// address
+    outside = ChapterEnvironment(preset("tiny"), torch.device("cpu"), tmp_path, None)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("KPSSL_RESULTS_URL", (ROOT / "book" / "results").as_uri())
+    folder = fetch_results(outside, "tiny_table.csv", "tiny_table.json")
+    assert folder == tmp_path / "kpssl_results"
+    assert (folder / "tiny_table.csv").read_bytes() == (ROOT / "book" / "results" / "tiny_table.csv").read_bytes()
+    monkeypatch.setenv("KPSSL_RESULTS_URL", (tmp_path / "nowhere").as_uri())
+    assert fetch_results(outside, "tiny_table.csv") == folder  # kept: not downloaded again
+    with pytest.raises(OSError, match=r"absent\.csv: cannot download the committed result from file:"):
+        fetch_results(outside, "absent.csv")
+    assert sorted(p.name for p in folder.iterdir()) == ["tiny_table.csv", "tiny_table.json"]  # nothing partial
