@@ -249,7 +249,8 @@ def export(args: argparse.Namespace, all_cells: list[Cell], folder: Path, comman
         result = json.loads((run / "result.json").read_text())
         entry = {"file": f"{stem}.pt", "method": method, "cell": cell, "source": str(source)}
         if kind == "finetune":
-            entry |= {"M": m, "fold": fold, "best_epoch": result["best_epoch"],
+            entry |= {"M": m, "fold": fold, "finetune_epochs": result["settings"]["finetune"]["epochs"],
+                      "best_epoch": result["best_epoch"],
                       "test_dice_3d": round(result["test"]["dice_3d"], 4)}
         else:
             entry |= {"pretrain_steps": result["steps"]}
