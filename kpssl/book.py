@@ -93,7 +93,6 @@ def fetch_results(env: ChapterEnvironment, *names: str) -> Path:
         target = folder / name
         if target.is_file():
             continue
-        target.parent.mkdir(parents=True, exist_ok=True)
         url = f"{base}/{name}"
         try:
             with urllib.request.urlopen(url, timeout=60) as response:

@@ -27,7 +27,6 @@ and of the random initialisations (:mod:`kpssl.eval.probes`, on every slice of `
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import subprocess
@@ -39,7 +38,8 @@ from pathlib import Path
 import numpy as np
 
 from kpssl.data.layouts import find_cases
-from kpssl.train.experiment import code_commit, write_rows
+from kpssl.train.experiment import PRETRAIN_RESULT_KEYS, code_commit, read_finetune_result, write_rows
+from kpssl.train.run import read_json, read_run
 from kpssl.atomic import write_json
 
 COLUMNS = ["method", "pool", "pretrain_epochs", "pretrain_steps", "M", "fold", "dice_3d", "dice_2d", "hd95",
@@ -140,19 +140,26 @@ def run_units(args: argparse.Namespace, units: list[Unit]) -> None:
         raise SystemExit("budget study stopped, a unit failed:\n  " + "\n  ".join(failed))
 
 
+def pretrained(args: argparse.Namespace, cell: Cell, method: str) -> dict | None:
+    """The ``result.json`` of the cell's pretraining of ``method`` (steps, seconds), None while unfinished;
+    for the references (no pretraining) zero steps and seconds."""
+    if not cell.budget:
+        return {"steps": 0, "seconds": 0.0}
+    path = args.out / cell.name / "pretrain" / method / "result.json"
+    return read_json(path, PRETRAIN_RESULT_KEYS) if path.is_file() else None
+
+
 def rows_of(args: argparse.Namespace, all_cells: list[Cell]) -> list[dict]:
     """One row per finished fine-tuning: the cell's method, pool and budget, M, fold and test scores."""
     rows = []
     for cell in all_cells:
         for method in cell.methods:
-            steps = 0
-            if cell.budget:
-                pretrained = args.out / cell.name / "pretrain" / method / "result.json"
-                if not pretrained.is_file():
-                    continue
-                steps = json.loads(pretrained.read_text())["steps"]
+            encoder = pretrained(args, cell, method)
+            if encoder is None:
+                continue
+            steps = encoder["steps"]
             for path in sorted((args.out / cell.name / "finetune" / method).glob("M*/fold*/result.json")):
-                result = json.loads(path.read_text())
+                result = read_finetune_result(path)
                 test = result["test"]
                 rows.append({
                     "method": method, "pool": cell.pool, "pretrain_epochs": cell.budget, "pretrain_steps": steps,
@@ -168,16 +175,14 @@ def recorded_commands(args: argparse.Namespace, all_cells: list[Cell]) -> list[s
     """Every command the cells' ``run.json`` record, in order, without repeats."""
     seen: dict[str, None] = {}
     for cell in all_cells:
-        record = args.out / cell.name / "run.json"
-        if record.is_file():
-            for entry in json.loads(record.read_text())["commands"]:
-                seen.setdefault(entry["command"], None)
+        for entry in (read_run(args.out / cell.name) or {}).get("commands", []):
+            seen.setdefault(entry["command"], None)
     return list(seen)
 
 
 def pretraining_seconds(args: argparse.Namespace, all_cells: list[Cell]) -> float:
-    files = [args.out / c.name / "pretrain" / m / "result.json" for c in all_cells for m in c.methods]
-    return sum(json.loads(f.read_text())["seconds"] for f in files if f.is_file())
+    finished = [pretrained(args, c, m) for c in all_cells for m in c.methods]
+    return sum(float(r["seconds"]) for r in finished if r is not None)
 
 
 def chosen_epochs(rows: list[dict]) -> dict:
@@ -196,30 +201,23 @@ def probes(args: argparse.Namespace, all_cells: list[Cell]) -> list[dict]:
     initialisations, on the centre patches of every slice of ``--data`` (labels unused)."""
     import torch
 
-    from kpssl.data import load_volumes
-    from kpssl.eval.probes import chance_retrieval_error, probe_encoder
     from kpssl.cli import _settings
-    from kpssl.keypoints import KeypointCache, LabelledKeypointSlices, collate_labelled
+    from kpssl.eval.probes import chance_retrieval_error, probe_batch, probe_encoder
 
     settings = _settings(argparse.Namespace(preset=args.preset, set=args.set))  # as kpssl experiment reads them
     torch.set_num_threads(args.threads)
-    volumes = load_volumes(args.data, settings.data)  # the labels are loaded (the dataset needs them), not used
-    dataset = LabelledKeypointSlices(volumes, settings, KeypointCache(args.data), augment=False)
-    batch = collate_labelled([dataset[i] for i in range(len(dataset))])
-    groups = np.array([v.case.patient for v in volumes])[batch["volume"].numpy()]
+    batch, groups = probe_batch(args.data, settings)
     found = [{"method": "chance", "pool": 0, "pretrain_epochs": 0, "pretrain_steps": 0,
               "retrieval_error": round(chance_retrieval_error(batch["position"].double().numpy(), groups), 4)}]
     for cell in all_cells:
         for method in cell.methods:
-            encoder, steps = None, 0
-            if cell.budget:
-                encoder = args.out / cell.name / "pretrain" / method / "encoder.pt"
-                result = encoder.with_name("result.json")
-                if not result.is_file():
-                    continue
-                steps = json.loads(result.read_text())["steps"]
+            result = pretrained(args, cell, method)
+            if result is None:
+                continue
+            encoder = args.out / cell.name / "pretrain" / method / "encoder.pt" if cell.budget else None
             found.append({"method": method, "pool": cell.pool, "pretrain_epochs": cell.budget,
-                          "pretrain_steps": steps, **probe_encoder(encoder, method, settings, batch, groups)})
+                          "pretrain_steps": result["steps"],
+                          **probe_encoder(encoder, method, settings, batch, groups)})
     return found
 
 
@@ -246,7 +244,7 @@ def export(args: argparse.Namespace, all_cells: list[Cell], folder: Path, comman
         if not (run / "result.json").is_file():
             print(f"not exported (unfinished): {run}")
             continue
-        result = json.loads((run / "result.json").read_text())
+        result = read_json(run / "result.json")
         entry = {"file": f"{stem}.pt", "method": method, "cell": cell, "source": str(source)}
         if kind == "finetune":
             entry |= {"M": m, "fold": fold, "finetune_epochs": result["settings"]["finetune"]["epochs"],

@@ -114,3 +114,18 @@ def test_probe_encoder_of_a_random_unet_has_no_attention_and_of_a_kaf_unet_has_i
     kaf = probe_encoder(None, "kaf_random", settings, batch, groups)
     assert set(unet) == {"retrieval_error"} and set(kaf) == {"retrieval_error", "attention"}
     assert 0 <= unet["retrieval_error"] <= 1 and 0 <= kaf["retrieval_error"] <= 1
+
+
+def test_probe_batch_holds_every_slice_once_with_its_patient(tmp_path):
+    from kpssl.data import load_volumes
+    from kpssl.data.synthetic import write_synthetic_acdc
+    from kpssl.eval.probes import probe_batch
+
+    write_synthetic_acdc(tmp_path, patients=3, seed=0)
+    settings = preset("tiny")
+    batch, groups = probe_batch(tmp_path, settings)
+    volumes = load_volumes(tmp_path, settings.data)
+    assert batch["image"].shape[0] == len(groups) == sum(v.slices for v in volumes)
+    assert sorted(set(groups.tolist())) == ["patient001", "patient002", "patient003"]
+    for index, volume in enumerate(volumes):  # each row's patient is its volume's
+        assert set(groups[batch["volume"].numpy() == index].tolist()) == {volume.case.patient}

@@ -11,7 +11,7 @@ does its keypoint attention single anything out?
 * :func:`attention_summary`: per KAF level, the mean normalised entropy ``H / log n`` of the last
   block's attention rows and the mean spread of their logits (:func:`kpssl.eval.attention.row_statistics`;
   1 and 0 for uniform attention, chapter 8).
-* :func:`probe_encoder`: all of them for one ``encoder.pt``.
+* :func:`probe_encoder`: all of them for one ``encoder.pt``, on the slices :func:`probe_batch` gathers.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from torch import nn
 from .attention import kaf_attention, row_statistics
 
 __all__ = ["retrieval_error", "chance_retrieval_error", "bottleneck_features", "attention_summary",
-           "probe_encoder"]
+           "probe_batch", "probe_encoder"]
 
 
 def _check(positions: np.ndarray, groups: np.ndarray, rows: int) -> None:
@@ -78,6 +78,18 @@ def attention_summary(backbone: nn.Module, batch: dict[str, torch.Tensor]) -> di
         entropy, _, spread = row_statistics(look.weights[index][-1], look.logits[index][-1], batch["valid"]).means()
         summary[f"level{level}"] = {"entropy": round(entropy, 4), "logit_spread": round(spread, 4)}
     return summary
+
+
+def probe_batch(root: str | Path, settings) -> tuple[dict[str, torch.Tensor], np.ndarray]:
+    """The centre patch of every slice of every volume under ``root`` as one labelled-style batch, and
+    ``(S,)`` the patient of each slice (the labels are loaded, as the dataset needs them, but unused)."""
+    from ..data import load_volumes
+    from ..keypoints import KeypointCache, LabelledKeypointSlices, collate_labelled
+
+    volumes = load_volumes(root, settings.data)
+    dataset = LabelledKeypointSlices(volumes, settings, KeypointCache(root), augment=False)
+    batch = collate_labelled([dataset[i] for i in range(len(dataset))])
+    return batch, np.array([v.case.patient for v in volumes])[batch["volume"].numpy()]
 
 
 def probe_encoder(encoder: str | Path | None, method: str, settings, batch: dict[str, torch.Tensor],
