@@ -258,6 +258,22 @@ def export(args: argparse.Namespace, all_cells: list[Cell], folder: Path, comman
     return written
 
 
+def study_arguments(argv: list[str]) -> list[str]:
+    """The arguments that define the study: ``argv`` without those that only collect, annotate or export,
+    so that the recorded command recomputes the table from nothing, whichever run of it wrote the file."""
+    kept, skip = [], False
+    for word in argv:
+        if skip:
+            skip = False
+        elif word == "--collect-only":
+            continue
+        elif word in ("--note", "--export"):
+            skip = True
+        elif not word.startswith(("--note=", "--export=")):
+            kept.append(word)
+    return kept
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True, help="the labelled data (folds, fine-tuning, tests)")
@@ -286,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     if any(b < 1 for b in args.budgets + (args.pool_budgets or [])):
         parser.error("--budgets: pretraining budgets are at least 1 epoch (budget 0 is the 'random' references)")
 
+    given = argv if argv is not None else sys.argv[1:]
     all_cells = cells(args)
     # the references first, then the cells from the largest pretraining budget down, each over all folds:
     # if the study is stopped, what it has finished are whole comparisons, the most telling first
@@ -298,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     finetuning = sum(r["seconds"] for r in rows)
     pretraining = pretraining_seconds(args, all_cells)
     meta = {
-        "command": "python scripts/budget_study.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
+        "command": "python scripts/budget_study.py " + shlex.join(study_arguments(given)),
+        "written_by": "python scripts/budget_study.py " + shlex.join(given),
         "runs": recorded_commands(args, all_cells), "preset": args.preset, "commit": code_commit(),
         "finetune_epochs": args.finetune_epochs, "budgets": args.budgets, "pool_budgets": args.pool_budgets or args.budgets, "pools": sorted({c.pool for c in all_cells}),
         "folds": args.folds, "labeled": args.labeled,

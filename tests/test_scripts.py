@@ -92,6 +92,7 @@ def test_budget_study_runs_every_unit_once_and_tabulates_them(tmp_path):
     Each encoder is pretrained once (never by two units at once), every fine-tuning lands in the table
     with its pool and budget, and the probes cover every encoder and the random initialisation."""
     import json
+    import shlex
     import subprocess
     import sys
 
@@ -120,6 +121,10 @@ def test_budget_study_runs_every_unit_once_and_tabulates_them(tmp_path):
     assert [(p["method"], p["pool"]) for p in written["probes"]] == [
         ("chance", 0), ("unet_random", 0), ("pcl", 6), ("pcl", 8)]
     assert any("--pretrain-data" in c for c in written["runs"]) and written["seconds_in_runs"] > 0
+    # the recorded command recomputes the study; the one that wrote the file (here with --export) beside it
+    assert "--export" not in written["command"] and "--export" in written["written_by"]
+    recorded = shlex.split(written["command"])[2:]
+    assert recorded == command[2:command.index("--export")] + command[command.index("--export") + 2:]
     # the networks the book shows: the random UNet fine-tuned (no KAF in this toy study, so no more)
     from kpssl.train.evaluate import load_finetuned
 
