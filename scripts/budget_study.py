@@ -27,6 +27,7 @@ and of the random initialisations (:mod:`kpssl.eval.probes`, on every slice of `
 from __future__ import annotations
 
 import argparse
+import csv
 import os
 import shlex
 import subprocess
@@ -43,7 +44,8 @@ from kpssl.train.run import read_json, read_run
 from kpssl.atomic import write_json
 
 COLUMNS = ["method", "pool", "pretrain_epochs", "pretrain_steps", "M", "fold", "dice_3d", "dice_2d", "hd95",
-           "best_epoch", "epochs", "seconds"]
+           "best_epoch", "epochs", "late_gain", "seconds"]
+LATE = 0.9  # the final tenth of the fine-tuning epochs
 
 
 @dataclass(frozen=True)
@@ -166,9 +168,25 @@ def rows_of(args: argparse.Namespace, all_cells: list[Cell]) -> list[dict]:
                     "M": result["labeled"], "fold": result["fold"], "dice_3d": round(test["dice_3d"], 4),
                     "dice_2d": round(test["dice_2d_pooled"], 4), "hd95": round(test["hd95_mm"], 4),
                     "best_epoch": result["best_epoch"], "epochs": result["settings"]["finetune"]["epochs"],
+                    "late_gain": round(late_gain(path.parent / "log.csv", result["settings"]["finetune"]["epochs"]), 4),
                     "seconds": round(result["seconds"], 1),
                 })
     return rows
+
+
+def late_gain(log: Path, epochs: int) -> float:
+    """What the final tenth of a fine-tuning added on the validation patients: the best validation 3D Dice
+    of all epochs minus the best of the epochs up to ``LATE * epochs`` (the initialisation, epoch 0,
+    included); 0 when the chosen epoch came earlier. Small values mean the run had levelled off even if
+    it chose a late epoch."""
+    with log.open(newline="") as handle:
+        scores = {int(r["epoch"]): float(r["selection_dice"]) for r in csv.DictReader(handle)
+                  if r.get("selection_dice") not in (None, "")}
+    missing = sorted(set(range(epochs + 1)) - set(scores))
+    if missing:
+        raise ValueError(f"{log}: no validation Dice for epochs {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    early = max(score for epoch, score in scores.items() if epoch <= LATE * epochs)
+    return max(scores.values()) - early
 
 
 def recorded_commands(args: argparse.Namespace, all_cells: list[Cell]) -> list[str]:
@@ -193,7 +211,9 @@ def chosen_epochs(rows: list[dict]) -> dict:
     epochs = np.array([r["best_epoch"] for r in rows])
     return {"runs": len(rows), "epoch_quartiles": [float(q) for q in np.percentile(epochs, [0, 25, 50, 75, 100])],
             "last_epoch_share": round(float((fraction == 1).mean()), 4),
-            "final_tenth_share": round(float((fraction > 0.9).mean()), 4)}
+            "final_tenth_share": round(float((fraction > LATE).mean()), 4),
+            "late_gain_quartiles": [round(float(q), 4) for q in np.percentile([r["late_gain"] for r in rows],
+                                                                              [0, 25, 50, 75, 100])]}
 
 
 def probes(args: argparse.Namespace, all_cells: list[Cell]) -> list[dict]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -58,7 +59,6 @@ def test_finetune_epochs_table_reads_the_runs(tmp_path):
     it is the last one, the commands as the runs recorded them; unfinished runs are left out."""
     import json
     import subprocess
-    import sys
 
     script = SCRIPT.parent / "finetune_epochs.py"
     runs = tmp_path / "runs"
@@ -94,7 +94,6 @@ def test_budget_study_runs_every_unit_once_and_tabulates_them(tmp_path):
     import json
     import shlex
     import subprocess
-    import sys
 
     from kpssl.data.synthetic import write_synthetic_acdc
 
@@ -123,6 +122,9 @@ def test_budget_study_runs_every_unit_once_and_tabulates_them(tmp_path):
     assert any("--pretrain-data" in c for c in written["runs"]) and written["seconds_in_runs"] > 0
     # the recorded command recomputes the study; the one that wrote the file (here with --export) beside it
     assert "--export" not in written["command"] and "--export" in written["written_by"]
+    for row in written["rows"]:  # the last of fine-tuning's 1 epoch is its final tenth
+        assert row["late_gain"] >= 0 and (row["late_gain"] > 0) <= (row["best_epoch"] == row["epochs"])
+    assert len(written["chosen_epochs"]["late_gain_quartiles"]) == 5
     recorded = shlex.split(written["command"])[2:]
     assert recorded == command[2:command.index("--export")] + command[command.index("--export") + 2:]
     # the networks the book shows: the random UNet fine-tuned (no KAF in this toy study, so no more)
@@ -138,3 +140,29 @@ def test_budget_study_runs_every_unit_once_and_tabulates_them(tmp_path):
     again = subprocess.run(command, capture_output=True, text=True)
     assert again.returncode == 0 and "6 of 6 units finished; running 0" in again.stdout
     assert json.loads(table.with_suffix(".json").read_text())["rows"] == written["rows"]
+
+
+def test_budget_study_late_gain_reads_the_log(tmp_path, monkeypatch):
+    """late_gain: the best validation Dice of all epochs minus the best up to 90 % of them (epoch 0, the
+    initialisation, included), 0 for a run that peaked early; an epoch without a score is an error naming
+    the log."""
+    spec = importlib.util.spec_from_file_location("budget_study", SCRIPT.parent / "budget_study.py")
+    study = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "budget_study", study)  # its dataclasses look their module up
+    spec.loader.exec_module(study)
+    log = tmp_path / "log.csv"
+
+    def write(scores: list[str]) -> None:
+        rows = [f"{epoch},{3 * epoch},0.001,0.5,{score}" for epoch, score in enumerate(scores)]
+        log.write_text("epoch,step,lr,loss,selection_dice,seconds\n" + "".join(f"{r},0.1\n" for r in rows))
+
+    # 10 epochs: epochs 0-9 are the first 90 %, epoch 10 the final tenth
+    write(["0.1", "0.5", "0.7", "0.6", "0.6", "0.6", "0.6", "0.6", "0.6", "0.65", "0.75"])
+    assert study.late_gain(log, 10) == pytest.approx(0.75 - 0.7, abs=1e-12)
+    write(["0.1", "0.5", "0.8", "0.6", "0.6", "0.6", "0.6", "0.6", "0.6", "0.65", "0.75"])
+    assert study.late_gain(log, 10) == 0.0  # chose epoch 2
+    write(["0.9", "0.5"])
+    assert study.late_gain(log, 1) == 0.0  # the initialisation counts among the early epochs
+    write(["0.1", "0.5", "", "0.6"])
+    with pytest.raises(ValueError, match=r"log\.csv: no validation Dice for epochs \[2\]"):
+        study.late_gain(log, 3)
