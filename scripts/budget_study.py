@@ -162,13 +162,13 @@ def rows_of(args: argparse.Namespace, all_cells: list[Cell]) -> list[dict]:
             steps = encoder["steps"]
             for path in sorted((args.out / cell.name / "finetune" / method).glob("M*/fold*/result.json")):
                 result = read_finetune_result(path)
-                test = result["test"]
+                test, epochs = result["test"], result["settings"]["finetune"]["epochs"]
                 rows.append({
                     "method": method, "pool": cell.pool, "pretrain_epochs": cell.budget, "pretrain_steps": steps,
                     "M": result["labeled"], "fold": result["fold"], "dice_3d": round(test["dice_3d"], 4),
                     "dice_2d": round(test["dice_2d_pooled"], 4), "hd95": round(test["hd95_mm"], 4),
-                    "best_epoch": result["best_epoch"], "epochs": result["settings"]["finetune"]["epochs"],
-                    "late_gain": round(late_gain(path.parent / "log.csv", result["settings"]["finetune"]["epochs"]), 4),
+                    "best_epoch": result["best_epoch"], "epochs": epochs,
+                    "late_gain": round(late_gain(path.parent / "log.csv", epochs), 4),
                     "seconds": round(result["seconds"], 1),
                 })
     return rows
